@@ -1,0 +1,139 @@
+"""Read checkpoint tensors one at a time.
+
+Safetensors files are parsed directly (8-byte header length, JSON header, raw
+little-endian data) so each tensor is read with one ``np.fromfile`` into its own
+buffer: memory stays bounded by the largest tensor, and bfloat16 works without
+torch (``ml_dtypes``, a JAX dependency, provides the NumPy dtype). A sharded
+checkpoint is found through ``model.safetensors.index.json``. PyTorch ``.bin``
+pickles are refused unless explicitly allowed, then loaded with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or key."""
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise CheckpointError(f"{path}: implausible safetensors header length {n}")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class TensorSource:
+    """Key -> tensor access over a checkpoint directory or file, streaming."""
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False):
+        path = Path(path)
+        self._entries: dict[str, tuple[Path, dict, int]] = {}
+        self._pickles: list[Path] = []
+        if path.is_dir():
+            index = path / "model.safetensors.index.json"
+            single = path / "model.safetensors"
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({path / f for f in weight_map.values()})
+            elif single.is_file():
+                files = [single]
+            else:
+                files = sorted(path.glob("*.safetensors"))
+            if not files:
+                bins = sorted(path.glob("*.bin"))
+                if bins and not allow_pickle:
+                    raise CheckpointError(
+                        f"{path} holds only PyTorch pickles ({bins[0].name}, ...); pickles can run code on load. "
+                        "Convert them to safetensors, or pass allow_pickle=True to load them with "
+                        "torch.load(weights_only=True).")
+                if not bins:
+                    raise CheckpointError(f"{path}: no *.safetensors (or *.bin) checkpoint files found")
+                self._pickles = bins
+        elif path.suffix == ".safetensors":
+            files = [path]
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            if not allow_pickle:
+                raise CheckpointError(f"{path} is a PyTorch pickle; pass allow_pickle=True to load it with "
+                                      "torch.load(weights_only=True)")
+            files, self._pickles = [], [path]
+        else:
+            raise CheckpointError(f"{path}: not a directory, .safetensors or .bin file")
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint shard {f} listed in the index is missing")
+            header, data_start = _read_header(f)
+            for key, info in header.items():
+                if key in self._entries:
+                    raise CheckpointError(f"tensor {key!r} appears in both {self._entries[key][0]} and {f}")
+                self._entries[key] = (f, info, data_start)
+        # Pickles cannot be read partially: each is loaded whole, once.
+        self._pickle_tensors: dict[str, np.ndarray] = {}
+        for f in self._pickles:
+            self._pickle_tensors.update(self._load_pickle(f))
+
+    @staticmethod
+    def _load_pickle(path: Path) -> dict[str, np.ndarray]:
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - torch is a test dependency
+            raise CheckpointError(f"loading {path} needs torch (pip install torch)") from e
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        out = {}
+        for k, v in sd.items():
+            if v.dtype == torch.bfloat16:
+                out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                out[k] = v.numpy()
+        return out
+
+    def keys(self) -> list[str]:
+        return sorted([*self._entries, *self._pickle_tensors])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._entries:
+            return tuple(self._entries[key][1]["shape"])
+        return tuple(self.read(key).shape)
+
+    def read(self, key: str) -> np.ndarray:
+        if key in self._pickle_tensors:
+            return self._pickle_tensors[key]
+        try:
+            f, info, data_start = self._entries[key]
+        except KeyError:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint") from None
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if (end - start) != count * np.dtype(dtype).itemsize:
+            raise CheckpointError(f"{f}: tensor {key!r} byte range does not match shape {shape} {info['dtype']}")
+        arr = np.fromfile(f, dtype=dtype, count=count, offset=data_start + start)
+        if arr.size != count:
+            raise CheckpointError(f"{f}: truncated while reading {key!r}")
+        return arr.reshape(shape)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for key in self.keys():
+            yield key, self.read(key)

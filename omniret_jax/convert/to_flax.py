@@ -1,0 +1,110 @@
+"""Fill an abstract Flax NNX module from a PyTorch checkpoint, tensor by tensor.
+
+The module is built with ``nnx.eval_shape`` (no memory for random weights);
+each checkpoint tensor is read, transposed if it is a Linear weight, checked
+against the parameter's shape, cast to the parameter's dtype and placed. Unknown,
+missing or mis-shaped keys stop the load with an error naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from omniret_jax.convert.keymap import (
+    IGNORED_PREFIXES, detect_layout, expected_hf_shape, flax_to_hf_key, hf_to_flax_array,
+)
+from omniret_jax.convert.tensors import CheckpointError, TensorSource
+
+
+@dataclasses.dataclass
+class LoadReport:
+    layout: str
+    loaded: int
+    ignored: dict[str, int]   # ignored prefix -> number of tensors skipped
+    nbytes: int               # bytes of the converted parameters
+
+
+def _cast(arr: np.ndarray, dtype) -> np.ndarray:
+    """One contiguous copy in the target dtype (transposed views are materialised here)."""
+    out = np.empty(arr.shape, dtype=dtype)
+    np.copyto(out, arr, casting="unsafe")
+    return out
+
+
+def load_module(
+    build: Callable[[], nnx.Module],
+    source: TensorSource,
+    *,
+    layout: str | None = None,
+    extra_ignored: tuple[str, ...] = (),
+    on_host: bool = False,
+    progress: bool = True,
+) -> tuple[nnx.Module, LoadReport]:
+    """Build ``build()`` abstractly and fill every parameter from ``source``.
+
+    ``on_host=True`` keeps NumPy arrays (for writing a checkpoint without a second
+    copy); otherwise each tensor is placed on the default device as it is read.
+    """
+    keys = source.keys()
+    layout = layout or detect_layout(keys)
+    abstract = nnx.eval_shape(build)
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    wanted: dict[str, tuple[Any, nnx.Variable]] = {}
+    for path, var in flat:
+        wanted[flax_to_hf_key(path, layout)] = (path, var)
+
+    ignored_prefixes = IGNORED_PREFIXES[layout] + tuple(extra_ignored)
+    ignored: dict[str, int] = {}
+    unknown = []
+    for key in keys:
+        if key in wanted:
+            continue
+        hit = next((p for p in ignored_prefixes if key.startswith(p)), None)
+        if hit is None:
+            unknown.append(key)
+        else:
+            ignored[hit] = ignored.get(hit, 0) + 1
+    missing = sorted(set(wanted) - set(keys))
+    if unknown or missing:
+        lines = [f"checkpoint does not match the model (layout {layout!r}):"]
+        if unknown:
+            lines.append(f"  {len(unknown)} unknown key(s): " + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        raise CheckpointError("\n".join(lines))
+
+    nbytes = 0
+    for key in tqdm(sorted(wanted), desc="loading tensors", disable=not progress, unit="tensor"):
+        path, var = wanted[key]
+        abstract_value = var.get_value()
+        want_shape = expected_hf_shape(path, tuple(abstract_value.shape))
+        got_shape = source.shape(key)
+        if tuple(got_shape) != want_shape:
+            raise CheckpointError(f"tensor {key!r}: checkpoint shape {tuple(got_shape)} but the model expects "
+                                  f"{want_shape} (from config)")
+        arr = _cast(hf_to_flax_array(path, source.read(key)), abstract_value.dtype)
+        nbytes += arr.nbytes
+        var.set_value(arr if on_host else jax.device_put(arr))
+        del arr
+    module = nnx.merge(graphdef, state)
+    return module, LoadReport(layout=layout, loaded=len(wanted), ignored=ignored, nbytes=nbytes)
+
+
+def load_thinker(path, *, dtype: str = "float32", param_dtype: str = "float32", layout: str | None = None,
+                 allow_pickle: bool = False, on_host: bool = False, progress: bool = True):
+    """A Qwen2.5-Omni thinker from a Hugging Face checkpoint directory (config.json + weights)."""
+    from omniret_jax.model.config import ThinkerConfig
+    from omniret_jax.model.thinker import Thinker
+
+    cfg = ThinkerConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    source = TensorSource(path, allow_pickle=allow_pickle)
+    model, report = load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout,
+                                on_host=on_host, progress=progress)
+    return model, report

@@ -1,0 +1,147 @@
+"""Small building blocks shared by every tower.
+
+Parameters are created with a logical-axis tuple in their ``axes`` metadata
+(``nnx.Param(value, axes=(...))``); ``omniret_jax.sharding`` is the only place
+that maps those names onto mesh axes. Leaf names follow the PyTorch modules
+(``weight``/``bias``) except Linear kernels, which are stored as ``kernel`` in
+(in, out) order; the converter's key map relies on exactly that convention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+# Logical axis names used across the model. Kept as constants so a typo is an
+# import error rather than a silently replicated parameter.
+EMBED = "embed"          # residual width of the LLM
+MLP = "mlp"              # feed-forward width
+HEADS = "heads"          # flattened query heads * head_dim
+KV_HEADS = "kv_heads"    # flattened key/value heads * head_dim
+VOCAB = "vocab"
+VISION_EMBED = "vision_embed"
+VISION_MLP = "vision_mlp"
+AUDIO_EMBED = "audio_embed"
+AUDIO_MLP = "audio_mlp"
+NORM = "norm"            # 1-D scale/bias vectors (replicated by default)
+CONV = "conv"            # conv/patch input features (replicated by default)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is (in, out), the transpose of torch's weight."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, std: float = 0.02):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype), axes=axes)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[-1],))
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Qwen RMSNorm: normalise in float32, cast back, then scale (torch order)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32, axes: Axes = (NORM,)):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * xf.astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm (biased variance), computed in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32, axes: Axes = (NORM,)):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table, (vocab, dim) as in torch."""
+
+    def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, axes: Axes = (VOCAB, EMBED)):
+        self.dtype = dtype
+        self.weight = nnx.Param(_normal(rngs, (num, dim), 0.02, param_dtype), axes=axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": gelu_exact,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention with float32 softmax, GQA by head grouping.
+
+    q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D]; mask: bool broadcastable to
+    [B, Hq, Sq, Sk] (True = attend). Rows with nothing to attend (padding)
+    produce zeros instead of NaN.
+    """
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    if hq != hkv:
+        k = jnp.repeat(k, hq // hkv, axis=2)
+        v = jnp.repeat(v, hq // hkv, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(d))
+    scores = scores.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

@@ -1,0 +1,146 @@
+"""The Qwen2 text decoder of the thinker: GQA with q/k/v bias, RMSNorm, SwiGLU, M-RoPE.
+
+Returns the final (normed) output and the hidden state after every layer, in the
+order of transformers' ``output_hidden_states``: entry 0 is the embedding, entries
+1..L-1 the raw residual outputs, entry L the final-RMSNorm output. The WAVE fusion
+head only needs the pooled token of each entry, so ``pool_index`` lets the caller
+keep one position per layer instead of L full sequences.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omniret_jax.model.config import TextConfig
+from omniret_jax.model.layers import (
+    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, Linear, RMSNorm, activation, dot_product_attention,
+    rotate_half,
+)
+
+
+def mrope_cos_sin(position_ids: jax.Array, cfg: TextConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, S, head_dim] for 3-axis positions [3, B, S].
+
+    The rotary frequency bands are split by ``mrope_section`` (temporal, height,
+    width); band group i takes its angle from position axis i. Angles are computed
+    in float32 and cast to the activation dtype, like the reference.
+    """
+    dim = cfg.dim_per_head
+    if sum(cfg.mrope_section) != dim // 2:
+        raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim/2 = {dim // 2}")
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    # axis_of_band[j] in {0,1,2}: which position axis drives frequency band j.
+    axis_of_band = np.concatenate([np.full(n, i % 3) for i, n in enumerate(cfg.mrope_section)])
+    pos = position_ids.astype(jnp.float32)                         # [3, B, S]
+    pos_per_band = jnp.take(pos, jnp.asarray(axis_of_band), axis=0)  # [dim/2, B, S]
+    angles = jnp.moveaxis(pos_per_band, 0, -1) * jnp.asarray(inv_freq)  # [B, S, dim/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, hd = cfg.hidden_size, cfg.dim_per_head
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(d, self.num_heads * hd, use_bias=True, axes=(EMBED, HEADS), **kw)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, use_bias=True, axes=(EMBED, KV_HEADS), **kw)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, use_bias=True, axes=(EMBED, KV_HEADS), **kw)
+        self.o_proj = Linear(self.num_heads * hd, d, use_bias=False, axes=(HEADS, EMBED), **kw)
+
+    def __call__(self, x, cos, sin, mask):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        c, sn = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * c + rotate_half(q) * sn
+        k = k * c + rotate_half(k) * sn
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLPBlock(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, inner: int, act: str, *, use_bias: bool, axes_in, axes_out,
+                 rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
+        self.act = activation(act)
+        self.gate_proj = Linear(d, inner, axes=axes_in, **kw)
+        self.up_proj = Linear(d, inner, axes=axes_in, **kw)
+        self.down_proj = Linear(inner, d, axes=axes_out, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d = cfg.hidden_size
+        self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLPBlock(d, cfg.intermediate_size, cfg.hidden_act, use_bias=False,
+                            axes_in=(EMBED, MLP), axes_out=(MLP, EMBED),
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, 1, S, S] bool: causal and restricted to real (mask == 1) keys."""
+    s = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+
+
+class TextModel(nnx.Module):
+    """Embedding, decoder layers and final norm (the ``model`` of the HF thinker)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False):
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype, axes=(VOCAB, EMBED))
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.remat = remat
+
+    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+                 *, pool_index: jax.Array | None = None):
+        """Run the decoder.
+
+        inputs_embeds [B, S, D]; attention_mask [B, S] (1 = real token); position_ids
+        [3, B, S]. Returns (last_hidden [B, S, D], hidden_states) where hidden_states is
+        [L+1, B, S, D], or [L+1, B, D] gathered at ``pool_index`` [B] when given.
+        """
+        cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
+        mask = causal_padding_mask(attention_mask)
+
+        def keep(h):
+            if pool_index is None:
+                return h
+            return jnp.take_along_axis(h, pool_index[:, None, None], axis=1)[:, 0]
+
+        def run_layer(layer, h):
+            return layer(h, cos, sin, mask)
+
+        if self.remat:
+            run_layer = nnx.remat(run_layer)
+
+        h = inputs_embeds.astype(self.dtype)
+        states = [keep(h)]
+        for i, layer in enumerate(self.layers):
+            h = run_layer(layer, h)
+            if i < len(self.layers) - 1:
+                states.append(keep(h))
+        h = self.norm(h)
+        states.append(keep(h))
+        return h, jnp.stack(states)

@@ -1,0 +1,52 @@
+"""Tiny random Qwen2.5-Omni thinkers built with transformers, the parity oracle.
+
+Every size is small enough for CPU, but each structural feature of the 7B model
+is exercised: GQA (4 query heads over 2 KV heads), M-RoPE sections, window and
+full-attention vision blocks, several audio chunks of ``n_window``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+# Token ids of the tiny vocabulary (300 entries); the real ones live in ThinkerConfig.
+AUDIO_ID, IMAGE_ID, VIDEO_ID = 290, 291, 292
+AUDIO_BOS, AUDIO_EOS, VISION_BOS, VISION_EOS = 293, 294, 295, 296
+IM_END = 297
+
+
+def tiny_hf_config(*, vision_act: str = "silu") -> Qwen2_5OmniThinkerConfig:
+    return Qwen2_5OmniThinkerConfig(
+        text_config=dict(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+            fullatt_block_indexes=[1], window_size=112, hidden_act=vision_act,
+        ),
+        audio_config=dict(
+            num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+            d_model=32, output_dim=64, n_window=100, max_source_positions=1500,
+        ),
+        audio_token_index=AUDIO_ID, image_token_index=IMAGE_ID, video_token_index=VIDEO_ID,
+        audio_start_token_id=AUDIO_BOS, audio_end_token_id=AUDIO_EOS,
+        # Not a declared field of the thinker config, but get_rope_index reads it.
+        vision_start_token_id=VISION_BOS, vision_end_token_id=VISION_EOS,
+        position_id_per_seconds=25, seconds_per_chunk=2,
+    )
+
+
+def tiny_hf_thinker(seed: int = 0, **kw) -> Qwen2_5OmniThinkerForConditionalGeneration:
+    """A float32 eval-mode thinker whose weights are all random (norms included)."""
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_hf_config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Default init leaves norms at 1 and biases at 0, which would hide
+            # a swapped scale or a dropped bias; randomise every tensor.
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name or "ln" in name else 0.1 * torch.randn_like(p))
+    return model
