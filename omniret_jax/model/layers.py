@@ -33,7 +33,7 @@ NORM = "norm"            # 1-D scale/bias vectors (replicated by default)
 CONV = "conv"            # conv/patch input features (replicated by default)
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
@@ -44,7 +44,7 @@ class Linear(nnx.Module):
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, std: float = 0.02):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, param_dtype), axes=axes)
+        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), std, param_dtype), axes=axes)
         self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[-1],))
                      if use_bias else None)
 
@@ -54,6 +54,21 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class GatedMLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, inner: int, act: str, *, use_bias: bool, axes_in, axes_out,
+                 rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
+        self.act = activation(act)
+        self.gate_proj = Linear(d, inner, axes=axes_in, **kw)
+        self.up_proj = Linear(d, inner, axes=axes_in, **kw)
+        self.down_proj = Linear(inner, d, axes=axes_out, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RMSNorm(nnx.Module):
@@ -94,7 +109,7 @@ class Embed(nnx.Module):
     def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, axes: Axes = (VOCAB, EMBED)):
         self.dtype = dtype
-        self.weight = nnx.Param(_normal(rngs, (num, dim), 0.02, param_dtype), axes=axes)
+        self.weight = nnx.Param(normal_init(rngs, (num, dim), 0.02, param_dtype), axes=axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)

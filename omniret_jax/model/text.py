@@ -16,8 +16,7 @@ from flax import nnx
 
 from omniret_jax.model.config import TextConfig
 from omniret_jax.model.layers import (
-    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, Linear, RMSNorm, activation, dot_product_attention,
-    rotate_half,
+    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, dot_product_attention, rotate_half,
 )
 
 
@@ -63,26 +62,11 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
-class MLPBlock(nnx.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
-
-    def __init__(self, d: int, inner: int, act: str, *, use_bias: bool, axes_in, axes_out,
-                 rngs: nnx.Rngs, dtype, param_dtype):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
-        self.act = activation(act)
-        self.gate_proj = Linear(d, inner, axes=axes_in, **kw)
-        self.up_proj = Linear(d, inner, axes=axes_in, **kw)
-        self.down_proj = Linear(inner, d, axes=axes_out, **kw)
-
-    def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d = cfg.hidden_size
         self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.mlp = MLPBlock(d, cfg.intermediate_size, cfg.hidden_act, use_bias=False,
+        self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.hidden_act, use_bias=False,
                             axes_in=(EMBED, MLP), axes_out=(MLP, EMBED),
                             rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)

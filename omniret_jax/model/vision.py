@@ -1,0 +1,290 @@
+"""Qwen2.5-Omni vision tower (the Qwen2.5-VL ViT) with static shapes.
+
+The PyTorch tower packs every image/video of a batch into one ragged sequence
+and attends over ``cu_seqlens`` slices. Here each *sample* is one row of a
+batch: its patches (all of its images and video clips, in order) are
+zero-padded to a fixed ``P`` and every data-dependent index (window
+permutation, 2-D rotary positions, attention segments) is computed on the
+host by :func:`vision_layout`. Attention is dense within the row and masked
+by segment-id equality, which is exactly the block-diagonal structure of
+``cu_seqlens``; padded rows attend to nothing and are never attended to.
+
+Token order follows the reference: patches arrive in the processor's order
+(per frame, 2x2 merge blocks contiguous), are regrouped into windows of
+``window_size`` pixels for the blocks, merged, and returned in the original
+order so the thinker can scatter them into placeholder tokens in sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omniret_jax.model.config import VisionConfig
+from omniret_jax.model.layers import (
+    CONV, EMBED, VISION_EMBED, VISION_MLP, GatedMLP, Linear, RMSNorm, normal_init,
+    dot_product_attention, rotate_half,
+)
+
+
+# ----------------------------------------------------------------------------- host layout
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+    """Index arrays for one padded batch; U = P // spatial_merge_size**2 merge units.
+
+    window_index:  [B, U] int32, window-order slot -> original merge unit.
+    inverse_index: [B, U] int32, original merge unit -> window-order slot.
+    position_ids:  [B, P, 2] int32 (row, column) of each patch, in window order.
+    full_segments: [B, P] int32 one id per frame (image, or video temporal step),
+                   window order; -1 on padding. Used by full-attention blocks.
+    window_segments: [B, P] int32 one id per attention window, window order; -1 on padding.
+    valid:         [B, P] bool real patches. Padding sits at the tail of each row
+                   in both orders, so one mask serves both.
+    """
+
+    window_index: jax.Array
+    inverse_index: jax.Array
+    position_ids: jax.Array
+    full_segments: jax.Array
+    window_segments: jax.Array
+    valid: jax.Array
+
+
+def _check_grid(grid, where: str, merge: int) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: grid_thw must be three integers (t, h, w), got {grid!r}") from None
+    if min(t, h, w) < 1:
+        raise ValueError(f"{where}: grid_thw {(t, h, w)} must be positive")
+    if h % merge or w % merge:
+        raise ValueError(f"{where}: grid_thw {(t, h, w)} has h/w not divisible by "
+                         f"spatial_merge_size={merge}")
+    return t, h, w
+
+
+def _sample_layout(grids: Sequence[tuple[int, int, int]], merge: int, window: int):
+    """Original-order per-unit arrays for one sample, plus its window permutation."""
+    unit_hw, unit_frame, unit_window, perm = [], [], [], []
+    units = frames = windows = 0
+    in_block_h, in_block_w = np.divmod(np.arange(merge * merge), merge)
+    for t, h, w in grids:
+        lh, lw = h // merge, w // merge
+        # Patch (row, col) for each merge unit's m*m patches, frame-major like the processor.
+        bh, bw = np.meshgrid(np.arange(lh), np.arange(lw), indexing="ij")
+        rows = (bh.reshape(-1, 1) * merge + in_block_h).reshape(-1)
+        cols = (bw.reshape(-1, 1) * merge + in_block_w).reshape(-1)
+        unit_hw.append(np.tile(np.stack([rows, cols], -1).reshape(lh * lw, merge * merge, 2), (t, 1, 1)))
+        ft, fh, fw = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
+        nwh, nww = -(-lh // window), -(-lw // window)
+        win = (ft * nwh * nww + (fh // window) * nww + fw // window).reshape(-1)
+        # Stable sort keeps raster order inside each window, matching the reference.
+        perm.append(np.argsort(win, kind="stable") + units)
+        unit_window.append(win + windows)
+        unit_frame.append(ft.reshape(-1) + frames)
+        units += t * lh * lw
+        frames += t
+        windows += t * nwh * nww
+    if not grids:
+        empty = np.zeros((0,), np.int64)
+        return np.zeros((0, merge * merge, 2), np.int64), empty, empty, empty
+    return (np.concatenate(unit_hw), np.concatenate(unit_frame), np.concatenate(unit_window),
+            np.concatenate(perm))
+
+
+def vision_layout(grids_per_sample: Sequence[Sequence[Sequence[int]]], max_patches: int,
+                  cfg: VisionConfig) -> VisionLayout:
+    """Host-side (NumPy) layout for a batch; sample i holds the grids ``grids_per_sample[i]``.
+
+    ``max_patches`` is the padded patch count P of every row; it must be a
+    multiple of spatial_merge_size**2 and hold each sample's sum of t*h*w.
+    """
+    merge = cfg.spatial_merge_size
+    unit = merge * merge
+    window = cfg.window_size // merge // cfg.patch_size
+    if window < 1:
+        raise ValueError(f"window_size={cfg.window_size} is smaller than one merge unit "
+                         f"({merge} x {cfg.patch_size} px)")
+    if not grids_per_sample:
+        raise ValueError("grids_per_sample is empty: need at least one sample (row)")
+    if max_patches <= 0 or max_patches % unit:
+        raise ValueError(f"max_patches={max_patches} must be a positive multiple of "
+                         f"spatial_merge_size**2={unit}")
+    n_units = max_patches // unit
+    b = len(grids_per_sample)
+    win_idx = np.tile(np.arange(n_units, dtype=np.int32), (b, 1))
+    inv_idx = win_idx.copy()
+    pos = np.zeros((b, max_patches, 2), np.int32)
+    full_seg = np.full((b, max_patches), -1, np.int32)
+    win_seg = np.full((b, max_patches), -1, np.int32)
+    valid = np.zeros((b, max_patches), bool)
+    for i, grids in enumerate(grids_per_sample):
+        grids = [_check_grid(g, f"sample {i} grid {j}", merge) for j, g in enumerate(grids)]
+        total = sum(t * h * w for t, h, w in grids)
+        if total > max_patches:
+            raise ValueError(f"sample {i}: grids {grids} hold {total} patches but max_patches="
+                             f"{max_patches}; raise max_patches (the padded P)")
+        hw, frame, win, perm = _sample_layout(grids, merge, window)
+        n = len(perm)
+        win_idx[i, :n] = perm
+        inv_idx[i, perm] = np.arange(n)
+        # Per-unit -> per-patch, then into window order.
+        pos[i, : n * unit] = hw[perm].reshape(-1, 2)
+        full_seg[i, : n * unit] = np.repeat(frame[perm], unit)
+        win_seg[i, : n * unit] = np.repeat(win[perm], unit)
+        valid[i, : n * unit] = True
+    return VisionLayout(window_index=win_idx, inverse_index=inv_idx, position_ids=pos,
+                        full_segments=full_seg, window_segments=win_seg, valid=valid)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class PatchConv3d(nnx.Module):
+    """Conv3d with stride == kernel, i.e. one matmul per flattened (C, Tp, p, p) patch.
+
+    The weight keeps torch's (out, C, Tp, p, p) layout so checkpoints map 1:1.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.dtype = dtype
+        shape = (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.weight = nnx.Param(normal_init(rngs, shape, 0.02, param_dtype),
+                                axes=(VISION_EMBED, CONV, None, None, None))
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        w = w.reshape(w.shape[0], -1).astype(self.dtype)
+        return patches.astype(self.dtype) @ w.T
+
+
+class PatchEmbed(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.proj = PatchConv3d(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        return self.proj(patches)
+
+
+def _rotary(position_ids: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """Axial 2-D rope: a quarter of head_dim frequencies per axis, (h, w) laid twice."""
+    quarter = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq        # [B, P, 2, D/4]
+    freqs = freqs.reshape(*freqs.shape[:-2], -1)                             # (h..., w...)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)                           # [B, P, D]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        dim = cfg.hidden_size
+        if dim % cfg.num_heads:
+            raise ValueError(f"vision hidden_size={dim} not divisible by num_heads={cfg.num_heads}")
+        self.num_heads, self.head_dim = cfg.num_heads, dim // cfg.num_heads
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=True)
+        self.q = Linear(dim, dim, axes=(VISION_EMBED, VISION_MLP), **kw)
+        self.k = Linear(dim, dim, axes=(VISION_EMBED, VISION_MLP), **kw)
+        self.v = Linear(dim, dim, axes=(VISION_EMBED, VISION_MLP), **kw)
+        self.proj = Linear(dim, dim, axes=(VISION_MLP, VISION_EMBED), **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        b, n, _ = x.shape
+        split = lambda y: y.reshape(b, n, self.num_heads, self.head_dim)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        # Rotary in float32 like the reference, then back to the compute dtype.
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        rope = lambda y: (y.astype(jnp.float32) * c + rotate_half(y.astype(jnp.float32)) * s).astype(y.dtype)
+        out = dot_product_attention(rope(q), rope(k), v, mask)
+        return self.proj(out.reshape(b, n, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, use_bias=True,
+                            axes_in=(VISION_EMBED, VISION_MLP), axes_out=(VISION_MLP, VISION_EMBED),
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then concatenate each merge unit's patches and project to the LLM width."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
+        width = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=True)
+        # Keys "0"/"2" mirror torch's nn.Sequential(Linear, GELU, Linear).
+        self.mlp = nnx.Dict({"0": Linear(width, width, axes=(VISION_EMBED, VISION_MLP), **kw),
+                             "2": Linear(width, cfg.out_hidden_size, axes=(VISION_MLP, EMBED), **kw)})
+        self.width = width
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x)
+        x = x.reshape(x.shape[0], -1, self.width)
+        return self.mlp["2"](jax.nn.gelu(self.mlp["0"](x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    """patches [B, P, C*Tp*p*p] + VisionLayout -> (features [B, P/m^2, out], valid [B, P/m^2]).
+
+    Features are in the original (processor) order; padded units are zero.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg = cfg
+        for i in cfg.fullatt_block_indexes:
+            if not 0 <= i < cfg.depth:
+                raise ValueError(f"fullatt_block_indexes entry {i} outside depth={cfg.depth}")
+        self.full_attention = frozenset(cfg.fullatt_block_indexes)
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def _check(self, patches, layout: VisionLayout) -> None:
+        cfg = self.cfg
+        feat = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        b, p = layout.valid.shape
+        if patches.ndim != 3 or patches.shape != (b, p, feat):
+            raise ValueError(f"patches shape {tuple(patches.shape)} does not match layout "
+                             f"(B={b}, P={p}) and patch features {feat}: expected {(b, p, feat)}")
+
+    def __call__(self, patches: jax.Array, layout: VisionLayout) -> tuple[jax.Array, jax.Array]:
+        self._check(patches, layout)
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size ** 2
+        b, p, _ = patches.shape
+        x = self.patch_embed(patches)
+        # Regroup merge units into window order (units move as whole m*m patch blocks).
+        x = x.reshape(b, p // unit, unit, -1)
+        x = jnp.take_along_axis(x, layout.window_index[:, :, None, None], axis=1).reshape(b, p, -1)
+        cos, sin = _rotary(layout.position_ids, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+
+        valid = layout.valid
+        # Padding attends to nothing (zero rows, no NaN from pad-only softmax) and is never a key.
+        pair = valid[:, :, None] & valid[:, None, :]
+
+        def seg_mask(seg):
+            return ((seg[:, :, None] == seg[:, None, :]) & pair)[:, None]
+
+        full_mask, window_mask = seg_mask(layout.full_segments), seg_mask(layout.window_segments)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, full_mask if i in self.full_attention else window_mask)
+
+        merged = self.merger(x)                                                  # window order
+        merged = jnp.take_along_axis(merged, layout.inverse_index[:, :, None], axis=1)
+        merged_valid = valid.reshape(b, -1, unit)[..., 0]
+        return jnp.where(merged_valid[..., None], merged, 0), merged_valid
