@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="accept PyTorch .bin pickles (loaded with torch.load(weights_only=True))")
     args = p.parse_args(argv)
     model, report = load_thinker(args.src, param_dtype=args.param_dtype, layout=args.layout,
-                                 allow_pickle=args.allow_pickle, on_host=True)
+                                 allow_pickle=args.allow_pickle)
     out = save_module(model, args.out, args.src)
     ignored = ", ".join(f"{k}* ({n})" for k, n in report.ignored.items()) or "none"
     print(f"converted {report.loaded} tensors ({report.nbytes / 2**30:.2f} GiB, layout {report.layout}); "

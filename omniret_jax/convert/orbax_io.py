@@ -7,6 +7,7 @@ only the config to rebuild the abstract module.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -25,8 +26,12 @@ def save_module(module: nnx.Module, out_dir: str | Path, hf_config: str | Path) 
         raise FileExistsError(f"{out_dir / STATE_DIR} exists; choose an empty output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(module))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_dir / STATE_DIR, state)
+    # Bound orbax's in-flight host copies to about one tensor instead of the whole
+    # model (orbax counts in units of 1e9 bytes and needs room for the largest).
+    largest = max(int(x.nbytes) for x in jax.tree.leaves(state))
+    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=max(1, math.ceil(largest / 1e9)))
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(out_dir / STATE_DIR, args=ocp.args.StandardSave(state))
     src = Path(hf_config)
     shutil.copyfile(src / CONFIG_NAME if src.is_dir() else src, out_dir / CONFIG_NAME)
     return out_dir

@@ -43,13 +43,12 @@ def load_module(
     *,
     layout: str | None = None,
     extra_ignored: tuple[str, ...] = (),
-    on_host: bool = False,
     progress: bool = True,
 ) -> tuple[nnx.Module, LoadReport]:
     """Build ``build()`` abstractly and fill every parameter from ``source``.
 
-    ``on_host=True`` keeps NumPy arrays (for writing a checkpoint without a second
-    copy); otherwise each tensor is placed on the default device as it is read.
+    Each tensor is placed on the default device as it is read, so host memory
+    holds at most one tensor in flight beside the converted parameters.
     """
     keys = source.keys()
     layout = layout or detect_layout(keys)
@@ -91,14 +90,14 @@ def load_module(
                                   f"{want_shape} (from config)")
         arr = _cast(hf_to_flax_array(path, source.read(key)), abstract_value.dtype)
         nbytes += arr.nbytes
-        var.set_value(arr if on_host else jax.device_put(arr))
+        var.set_value(jax.device_put(arr))
         del arr
     module = nnx.merge(graphdef, state)
     return module, LoadReport(layout=layout, loaded=len(wanted), ignored=ignored, nbytes=nbytes)
 
 
 def load_thinker(path, *, dtype: str = "float32", param_dtype: str = "float32", layout: str | None = None,
-                 allow_pickle: bool = False, on_host: bool = False, progress: bool = True):
+                 allow_pickle: bool = False, progress: bool = True):
     """A Qwen2.5-Omni thinker from a Hugging Face checkpoint directory (config.json + weights)."""
     from omniret_jax.model.config import ThinkerConfig
     from omniret_jax.model.thinker import Thinker
@@ -106,5 +105,5 @@ def load_thinker(path, *, dtype: str = "float32", param_dtype: str = "float32", 
     cfg = ThinkerConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
     source = TensorSource(path, allow_pickle=allow_pickle)
     model, report = load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout,
-                                on_host=on_host, progress=progress)
+                                progress=progress)
     return model, report
