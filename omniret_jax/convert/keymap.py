@@ -37,6 +37,12 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
 }
 
+# WAVE's modules sit beside the thinker's at the top level of its checkpoint.
+WAVE_MODULES = ("classify_linear", "beats_ln", "beats_proj", "beats")
+for _name, _table in LAYOUTS.items():
+    _top = "thinker." if _name == "released" else ""
+    _table.update({m: _top + m for m in WAVE_MODULES})
+
 # Checkpoint prefixes that belong to parts of Qwen2.5-Omni the port does not
 # model (speech generation). They are skipped and counted, never guessed at.
 IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {

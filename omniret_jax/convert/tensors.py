@@ -137,3 +137,25 @@ class TensorSource:
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self.keys():
             yield key, self.read(key)
+
+
+class OverlaySource:
+    """A TensorSource with some keys replaced: ``hidden`` prefixes dropped, ``extra`` tensors added.
+
+    Used where a sub-model's checkpoint needs rewriting before the generic loader
+    (BEATs' tied tables and weight norm) or where tensors come from elsewhere
+    (a separate BEATs file, freshly initialised heads).
+    """
+
+    def __init__(self, base: TensorSource, extra: dict[str, np.ndarray], hidden: tuple[str, ...] = ()):
+        self._base, self._extra, self._hidden = base, extra, tuple(hidden)
+
+    def keys(self) -> list[str]:
+        kept = [k for k in self._base.keys() if not k.startswith(self._hidden) and k not in self._extra]
+        return sorted([*kept, *self._extra])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._extra[key].shape) if key in self._extra else self._base.shape(key)
+
+    def read(self, key: str) -> np.ndarray:
+        return self._extra[key] if key in self._extra else self._base.read(key)

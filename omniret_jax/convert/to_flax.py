@@ -17,9 +17,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from omniret_jax.convert.keymap import (
-    IGNORED_PREFIXES, detect_layout, expected_hf_shape, flax_to_hf_key, hf_to_flax_array,
+    IGNORED_PREFIXES, LAYOUTS, WAVE_MODULES, detect_layout, expected_hf_shape, flax_to_hf_array, flax_to_hf_key,
+    hf_to_flax_array,
 )
-from omniret_jax.convert.tensors import CheckpointError, TensorSource
+from omniret_jax.convert.tensors import CheckpointError, OverlaySource, TensorSource
 
 
 @dataclasses.dataclass
@@ -104,6 +105,70 @@ def load_thinker(path, *, dtype: str = "float32", param_dtype: str = "float32", 
 
     cfg = ThinkerConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
     source = TensorSource(path, allow_pickle=allow_pickle)
+    layout = layout or detect_layout(source.keys())
+    # A WAVE checkpoint holds a thinker too; its extra modules are skipped (and counted).
+    wave = tuple(LAYOUTS[layout][m] + "." for m in WAVE_MODULES)
     model, report = load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout,
-                                progress=progress)
+                                extra_ignored=wave, progress=progress)
+    return model, report
+
+
+HEADS = ("classify_linear", "beats_ln", "beats_proj")
+
+
+def load_wave(path, *, beats_checkpoint=None, dtype: str = "float32", param_dtype: str = "float32",
+              layout: str | None = None, init_missing_heads: bool = False, allow_pickle: bool = False,
+              seed: int = 0, progress: bool = True):
+    """A WAVE model (thinker + BEATs + fusion head + BEATs adaptor) from a PyTorch checkpoint.
+
+    BEATs weights come from the checkpoint's ``beats.*`` keys, or from the unilm
+    ``.pt`` given as ``beats_checkpoint`` (its config is read from there too; a
+    checkpoint written by ``export_safetensors`` stores it as ``beats_config`` in
+    config.json). A plain Qwen2.5-Omni checkpoint has no fusion head or adaptor:
+    that is an error unless ``init_missing_heads`` starts them from random init.
+    """
+    import json
+    from pathlib import Path
+
+    from omniret_jax.model.beats import BEATsConfig, canonical_state, load_unilm_checkpoint
+    from omniret_jax.model.config import ThinkerConfig
+    from omniret_jax.model.wave import WAVE, wave_heads
+
+    cfg = ThinkerConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    source = TensorSource(path, allow_pickle=allow_pickle)
+    layout = layout or detect_layout(source.keys())
+    prefix = {m: LAYOUTS[layout][m] + "." for m in WAVE_MODULES}
+    extra: dict[str, np.ndarray] = {}
+    if beats_checkpoint is not None:
+        beats_cfg, beats_weights = load_unilm_checkpoint(beats_checkpoint)
+    else:
+        raw = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
+        if "beats_config" not in raw:
+            raise CheckpointError(f"{path}: no BEATs config (config.json has no 'beats_config'); pass "
+                                  "beats_checkpoint=<BEATs_iter3_plus .pt> (WAVE's audio_config.beats_path)")
+        beats_cfg = BEATsConfig.from_unilm_dict(raw["beats_config"])
+        beats_keys = [k for k in source.keys() if k.startswith(prefix["beats"])]
+        if not beats_keys:
+            raise CheckpointError(f"{path}: no '{prefix['beats']}*' tensors; pass beats_checkpoint=<unilm .pt>")
+        beats_weights = {k[len(prefix["beats"]):]: source.read(k) for k in beats_keys}
+    try:
+        extra.update({prefix["beats"] + k: v for k, v in canonical_state(beats_cfg, beats_weights).items()})
+    except ValueError as e:
+        raise CheckpointError(f"BEATs weights: {e}") from e
+
+    build = lambda: WAVE(cfg, beats_cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    missing_heads = [m for m in HEADS if not any(k.startswith(prefix[m]) for k in source.keys())]
+    if missing_heads and not init_missing_heads:
+        raise CheckpointError(
+            f"{path} has no WAVE {', '.join(m + '.*' for m in missing_heads)} (a plain Qwen2.5-Omni thinker?); "
+            "pass init_missing_heads=True to start them from random init, as training from the base does")
+    if missing_heads:
+        # Initialise just the missing heads (small next to the model).
+        fresh = wave_heads(cfg, beats_cfg, rngs=nnx.Rngs(seed))
+        for name in missing_heads:
+            for p, var in nnx.to_flat_state(nnx.state(fresh[name])):
+                path = (name, *p)
+                extra[flax_to_hf_key(path, layout)] = flax_to_hf_array(path, np.asarray(var.get_value()))
+    model, report = load_module(build, OverlaySource(source, extra, hidden=(prefix["beats"],)),
+                                layout=layout, progress=progress)
     return model, report

@@ -1,0 +1,241 @@
+"""The seven embedding paths against a PyTorch WAVE reference.
+
+Reference, written here from architecture.md sections 2-3 (not from our JAX code):
+transformers' Qwen2.5-Omni thinker (tiny, tests/hf_tiny.py) + openbeats' BEATs
+(ESPnet BeatsEncoder, tiny config of tests/test_beats.py) + torch modules for the
+WAVE heads (``classify_linear`` Linear-GELU-Linear over the concatenated last-token
+states of every layer, ``beats_ln`` LayerNorm, ``beats_proj`` Linear-GELU-Linear).
+Each sample is run alone and unpadded through the reference, with BEATs on the
+sample's own fbank frames and its tokens cut or zero-padded to 2 * N_w, pooled in
+pairs and interleaved with the Whisper tokens; ours runs the whole right-padded
+batch at once (towers once, every path reusing them).
+
+Tolerances: float32 with matmul precision HIGHEST, max abs error <= 1e-4 per path
+(embeddings are unit vectors); bfloat16 compute: cosine >= 0.9999 per path (stated
+below, measured values printed).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from omniret_jax.convert.tensors import CheckpointError
+from omniret_jax.convert.to_flax import load_wave
+from omniret_jax.model import embedder as E
+from omniret_jax.model.embedder import PATHS, EmbedConfig, Tokens, embed, prepare
+from tests.hf_tiny import (AUDIO_BOS, AUDIO_EOS, AUDIO_ID, IM_END, VIDEO_ID, VISION_BOS, VISION_EOS,
+                           tiny_hf_thinker)
+from tests.test_beats import TINY as BEATS_TINY
+from tests.test_beats import make_reference as make_beats_reference
+from tests.test_beats import unilm_state
+
+TOL = 1e-4
+PATCH = 3 * 2 * 14 * 14
+ECFG = EmbedConfig(text_len=48, seq_len=256)
+
+
+def encode(s: str) -> list[int]:
+    """A byte-level stand-in tokenizer inside the tiny vocabulary (ids 1..250)."""
+    return [b % 250 + 1 for b in s.encode()]
+
+
+TOKENS = Tokens(encode=encode, im_end_id=IM_END, pad_id=0)
+
+
+class TorchWave(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.thinker = tiny_hf_thinker(seed=seed)
+        self.beats = make_beats_reference(BEATS_TINY, seed=seed + 1)
+        d, layers, c = 64, 3, BEATS_TINY["encoder_embed_dim"]
+        self.classify_linear = torch.nn.Sequential(torch.nn.Linear(d * layers, d), torch.nn.GELU(),
+                                                   torch.nn.Linear(d, d))
+        self.beats_ln = torch.nn.LayerNorm(c)
+        self.beats_proj = torch.nn.Sequential(torch.nn.Linear(c, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+        with torch.no_grad():
+            self.beats_ln.weight.copy_(1 + 0.2 * torch.randn(c))
+            self.beats_ln.bias.copy_(0.2 * torch.randn(c))
+        self.eval()
+
+    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
+        sd = dict(self.thinker.state_dict())  # transformers-5 module names
+        for name in ("classify_linear", "beats_ln", "beats_proj"):
+            sd.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
+        sd.update({f"beats.{k}": torch.from_numpy(v) for k, v in unilm_state(self.beats).items()})
+        return {k: v.contiguous() for k, v in sd.items()}
+
+    # -- the reference embedding of one sample ------------------------------------------
+    @torch.no_grad()
+    def embed(self, path: str, s: dict) -> np.ndarray:
+        m = self.thinker.model
+        if path == "T":
+            ids = torch.tensor([encode(s["caption"]) + [IM_END]])
+            out = m.language_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            return torch.nn.functional.normalize(out.last_hidden_state[:, -1], dim=-1)[0].numpy()
+        ids, n_v, n_w = [], 0, 0
+        if "V" in path:
+            n_v = int(np.prod(s["grid"])) // 4
+            ids += [VISION_BOS] + [VIDEO_ID] * n_v + [VISION_EOS]
+        if "A" in path:
+            n_w = ((s["mel_len"] - 1) // 2 + 1 - 2) // 2 + 1
+            ids += [AUDIO_BOS] + [AUDIO_ID] * (2 * n_w) + [AUDIO_EOS]
+        prompt = s["caption"] if "T" in path else {"V": ECFG.video_prompt, "A": ECFG.audio_prompt,
+                                                   "AV": ECFG.av_prompt}[path]
+        ids = torch.tensor([ids + encode(prompt) + [IM_END]])
+        mask = torch.ones_like(ids)
+        emb = m.get_input_embeddings()(ids)
+        grid = spg = None
+        if "V" in path:
+            grid = torch.tensor([s["grid"]])
+            spg = torch.tensor([s["spg"]])
+            feats = m.get_video_features(torch.from_numpy(s["patches"]), grid).pooler_output
+            emb[ids == VIDEO_ID] = torch.cat(feats)
+        audio_seqlens = None
+        if "A" in path:
+            mel = torch.from_numpy(s["mel"][None, :, : s["mel_len"]])
+            whisper = m.get_audio_features(mel, feature_attention_mask=torch.ones(1, s["mel_len"],
+                                                                                  dtype=torch.long)).last_hidden_state
+            fb = torch.from_numpy(s["fbank"][None, : s["fbank_len"]])
+            tok = self.beats.extract_features(fb, None, skip_fbank_extraction=True)[0][0]
+            tok = tok[: 2 * n_w] if len(tok) >= 2 * n_w else torch.nn.functional.pad(tok, (0, 0, 0, 2 * n_w - len(tok)))
+            pooled = torch.nn.functional.avg_pool1d(tok.T[None], 2, 2)[0].T
+            beats = self.beats_proj(self.beats_ln(pooled))
+            emb[ids == AUDIO_ID] = torch.stack([whisper, beats], dim=1).reshape(2 * n_w, -1)
+            # WAVE gives the doubled run consecutive positions; transformers does the same
+            # for an audio whose mel length yields 2 * N_w tokens, i.e. 8 * N_w frames.
+            audio_seqlens = torch.tensor([8 * n_w])
+        pos, _ = m.get_rope_index(ids, None, grid, mask, False, audio_seqlens, spg)
+        out = m.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        fused = self.classify_linear(torch.cat([h[:, -1] for h in out.hidden_states[1:]], dim=-1))
+        return torch.nn.functional.normalize(fused, dim=-1)[0].numpy()
+
+
+def make_batch(rng) -> tuple[dict, list[dict]]:
+    """3 clips: different video sizes/rates, mel lengths and BEATs lengths (pad and cut cases)."""
+    grids = [(2, 4, 4), (2, 4, 8), (2, 8, 4)]
+    spgs = [1.0, 2.0, 0.5]
+    mel_lens = [400, 357, 200]          # N_w = 100, 89, 50 -> BEATs needs 200, 178, 100 tokens
+    fbank_lens = [398, 355, 398]        # BEATs gives 192, 176, 192 tokens: pad, pad, cut
+    captions = ["a red circle moves left", "a low flute plays", "a blue square and a fast drum beat"]
+    p = max(int(np.prod(g)) for g in grids)
+    samples, batch = [], {k: [] for k in ("caption", "video_patches", "video_grid_thw", "video_second_per_grid",
+                                          "mel", "mel_len", "fbank", "fbank_len")}
+    for g, spg, ml, fl, cap in zip(grids, spgs, mel_lens, fbank_lens, captions):
+        patches = rng.standard_normal((int(np.prod(g)), PATCH)).astype(np.float32)
+        mel = rng.standard_normal((128, 400)).astype(np.float32)
+        fbank = rng.standard_normal((400, 128)).astype(np.float32)
+        samples.append(dict(caption=cap, grid=g, spg=spg, patches=patches, mel=mel, mel_len=ml,
+                            fbank=fbank, fbank_len=fl))
+        padded = np.zeros((p, PATCH), np.float32)
+        padded[: len(patches)] = patches
+        for k, v in (("caption", cap), ("video_patches", padded), ("video_grid_thw", g),
+                     ("video_second_per_grid", spg), ("mel", mel), ("mel_len", ml), ("fbank", fbank),
+                     ("fbank_len", fl)):
+            batch[k].append(v)
+    batch = {k: (v if k == "caption" else np.asarray(v)) for k, v in batch.items()}
+    return batch, samples
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ref = TorchWave(seed=11)
+    path = tmp_path_factory.mktemp("wave") / "ckpt"
+    path.mkdir()
+    save_file(ref.state_dict_for_checkpoint(), str(path / "model.safetensors"))
+    config = ref.thinker.config.to_dict()
+    config["beats_config"] = BEATS_TINY
+    (path / "config.json").write_text(json.dumps(config))
+    return ref, path
+
+
+def test_seven_paths_match_reference(setup):
+    ref, path = setup
+    model, report = load_wave(path, progress=False)
+    batch, samples = make_batch(np.random.default_rng(0))
+    inputs = prepare(batch, PATHS, model.cfg, TOKENS, ECFG)
+    ours = embed(model, inputs, ECFG)
+    errors = {}
+    for p in PATHS:
+        want = np.stack([ref.embed(p, s) for s in samples])
+        got = np.asarray(ours[p])
+        assert got.dtype == np.float32 and np.allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
+        errors[p] = float(np.abs(got - want).max())
+    print("\nmax abs error per path (float32): " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_bfloat16_paths_stay_close(setup):
+    ref, path = setup
+    model, _ = load_wave(path, dtype="bfloat16", param_dtype="float32", progress=False)
+    batch, samples = make_batch(np.random.default_rng(0))
+    ours = embed(model, prepare(batch, PATHS, model.cfg, TOKENS, ECFG), ECFG)
+    cos = {}
+    for p in PATHS:
+        want = np.stack([ref.embed(p, s) for s in samples])
+        cos[p] = float(np.min(np.sum(np.asarray(ours[p]) * want, axis=-1)))
+    print("\nmin cosine per path (bfloat16 compute): " + ", ".join(f"{k}={v:.5f}" for k, v in cos.items()))
+    assert min(cos.values()) >= 0.9999, cos
+
+
+def test_towers_run_once_per_batch(setup, monkeypatch):
+    _, path = setup
+    model, _ = load_wave(path, progress=False)
+    batch, _ = make_batch(np.random.default_rng(1))
+    calls = {"vision": 0, "audio": 0}
+    for name, attr in (("vision", "encode_vision"), ("audio", "encode_audio_dual")):
+        original = getattr(model, attr)
+
+        def counted(*a, _o=original, _n=name, **k):
+            calls[_n] += 1
+            return _o(*a, **k)
+        monkeypatch.setattr(model, attr, counted)
+    E.embed_paths(model, prepare(batch, PATHS, model.cfg, TOKENS, ECFG), ECFG)
+    assert calls == {"vision": 1, "audio": 1}
+
+
+def test_text_fusion_head_switch(setup):
+    """The paper's variant sends the text path through the fusion head too."""
+    ref, path = setup
+    model, _ = load_wave(path, progress=False)
+    batch, samples = make_batch(np.random.default_rng(2))
+    ecfg = EmbedConfig(text_len=48, seq_len=256, text_fusion_head=True)
+    got = np.asarray(embed(model, prepare(batch, ("T",), model.cfg, TOKENS, ecfg), ecfg)["T"])
+    with torch.no_grad():
+        want = []
+        for s in samples:
+            ids = torch.tensor([encode(s["caption"]) + [IM_END]])
+            out = ref.thinker.model.language_model(input_ids=ids, output_hidden_states=True)
+            fused = ref.classify_linear(torch.cat([h[:, -1] for h in out.hidden_states[1:]], dim=-1))
+            want.append(torch.nn.functional.normalize(fused, dim=-1)[0].numpy())
+    assert np.abs(got - np.stack(want)).max() <= TOL
+
+
+def test_bad_inputs_are_named(setup, tmp_path):
+    ref, path = setup
+    model, _ = load_wave(path, progress=False)
+    batch, _ = make_batch(np.random.default_rng(3))
+    with pytest.raises(ValueError, match="unknown embedding path.*'VT'"):
+        prepare(batch, ("VT",), model.cfg, TOKENS, ECFG)
+    empty = dict(batch, caption=["ok", "", "fine"])
+    with pytest.raises(ValueError, match="sample 1: empty caption"):
+        prepare(empty, ("TV",), model.cfg, TOKENS, ECFG)
+    no_audio = {k: v for k, v in batch.items() if k not in ("mel", "mel_len")}
+    with pytest.raises(KeyError, match="mel"):
+        prepare(no_audio, ("A",), model.cfg, TOKENS, ECFG)
+    long = dict(batch, caption=["word " * 40] * 3)
+    with pytest.raises(ValueError, match="sample 0 \\(T path\\)"):
+        prepare(long, ("T",), model.cfg, TOKENS, ECFG)
+    # A plain thinker checkpoint has no WAVE heads.
+    plain = tmp_path / "plain"
+    ref.thinker.save_pretrained(plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["beats_config"] = BEATS_TINY
+    (plain / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no '.*beats.\\*' tensors"):
+        load_wave(plain, progress=False)
