@@ -38,7 +38,7 @@ def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel is (in, out), the transpose of torch's weight."""
+    """y = x @ kernel (+ bias) (+ LoRA); kernel is (in, out), the transpose of torch's weight."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, std: float = 0.02):
@@ -47,12 +47,26 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), std, param_dtype), axes=axes)
         self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[-1],))
                      if use_bias else None)
+        # Optional low-rank adapter, attached and removed by model/lora.py (apply_lora,
+        # merge_lora) and convert/peft.py (import_peft); absent on a plain Linear.
+        self.lora_a = nnx.data(None)        # nnx.LoRAParam [in, rank]
+        self.lora_b = nnx.data(None)        # nnx.LoRAParam [rank, out]
+        self.lora_dropout = nnx.data(None)  # nnx.Dropout on the adapter input, or None
+        self.lora_scale = 0.0               # alpha / rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         y = x @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            # Like PEFT: the adapter runs in its own dtype (float32 by default) and
+            # its contribution is cast back to the activation dtype.
+            z = x.astype(self.lora_a.dtype)
+            if self.lora_dropout is not None:
+                z = self.lora_dropout(z)
+            z = (z @ self.lora_a[...]) @ self.lora_b[...]
+            y = y + (z * self.lora_scale).astype(y.dtype)
         return y
 
 

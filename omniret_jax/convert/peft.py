@@ -1,0 +1,175 @@
+"""LoRA adapters <-> PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+PEFT names a tensor ``base_model.model.<torch module>.lora_{A,B}.weight``, with
+the module named as in transformers' in-memory thinker
+(``Qwen2_5OmniThinkerForConditionalGeneration``: ``model.language_model.layers.N
+.self_attn.q_proj``), i.e. the converter's "transformers5" layout; module names
+come from ``keymap.flax_to_hf_key`` like every other conversion. ``lora_A`` is
+[r, in] = ``lora_a.T`` and ``lora_B`` is [out, r] = ``lora_b.T``; scaling is
+``lora_alpha / r`` (plain LoRA: no rsLoRA, DoRA or per-module ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omniret_jax.convert.keymap import flax_to_hf_key
+from omniret_jax.convert.tensors import TensorSource
+from omniret_jax.convert.to_torch import write_safetensors
+from omniret_jax.model.layers import Linear
+from omniret_jax.model.lora import LoRAConfig, attach, iter_linears, lora_modules, path_str, select_targets
+
+PEFT_LAYOUT = "transformers5"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+
+# adapter_config.json entries that would change the maths; any truthy value is refused.
+_UNSUPPORTED = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern",
+                "modules_to_save", "target_parameters", "trainable_token_indices", "layer_replication",
+                "use_qalora", "use_bdlora")
+
+
+def _torch_names(model: nnx.Module) -> dict[str, tuple[str, Linear]]:
+    """PEFT module name -> (our dotted path, Linear) for every Linear the PEFT layout can name."""
+    out = {}
+    for path, linear in iter_linears(model):
+        try:
+            weight_key = flax_to_hf_key((*path, "kernel"), PEFT_LAYOUT)
+        except KeyError:
+            continue  # a top-level module outside the transformers thinker has no PEFT name
+        out[weight_key[: -len(".weight")]] = (path_str(path), linear)
+    return out
+
+
+def export_peft(model: nnx.Module, cfg: LoRAConfig, out_dir: str | Path, *, base_model_name_or_path: str) -> Path:
+    """Write the model's adapters as a PEFT LoRA adapter directory; returns ``out_dir``.
+
+    The adapters must be the ones ``cfg`` describes (same modules, rank and
+    scale), since ``adapter_config.json`` is written from ``cfg``.
+    """
+    adapters = lora_modules(model)
+    if not adapters:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters to export")
+    selected = set(select_targets(model, cfg.target))
+    if selected != set(adapters):
+        raise ValueError(f"the model's adapters do not match LoRAConfig.target {cfg.target!r}: "
+                         f"{_diff(set(adapters), selected, 'with an adapter', 'selected by target')}")
+    names = {path: name for name, (path, _) in _torch_names(model).items()}
+    tensors: dict[str, np.ndarray] = {}
+    for path, linear in sorted(adapters.items()):
+        if path not in names:
+            raise ValueError(f"adapter on {path}: the module has no name in the transformers thinker")
+        rank = linear.lora_a.shape[1]
+        if rank != cfg.rank or not np.isclose(linear.lora_scale, cfg.scale):
+            raise ValueError(f"adapter on {path} has rank {rank} and scale {linear.lora_scale}, but the config "
+                             f"says rank {cfg.rank} and scale alpha/rank = {cfg.scale}")
+        tensors[f"{_PREFIX}{names[path]}.lora_A.weight"] = np.asarray(linear.lora_a.get_value()).T
+        tensors[f"{_PREFIX}{names[path]}.lora_B.weight"] = np.asarray(linear.lora_b.get_value()).T
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = [(k, v.shape, v.dtype) for k, v in sorted(tensors.items())]
+    write_safetensors(out_dir / WEIGHTS_FILE, entries, tensors.__getitem__)
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        # Exact module names: PEFT matches a list entry by equality (or dotted suffix).
+        "target_modules": sorted(names[p] for p in adapters),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "inference_mode": True,
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out_dir
+
+
+def _diff(have: set, want: set, have_name: str, want_name: str) -> str:
+    parts = []
+    if have - want:
+        parts.append(f"{have_name} but not {want_name}: {sorted(have - want)}")
+    if want - have:
+        parts.append(f"{want_name} but not {have_name}: {sorted(want - have)}")
+    return "; ".join(parts)
+
+
+def import_peft(model: nnx.Module, adapter_dir: str | Path, cfg: LoRAConfig | None = None, *,
+                rngs: nnx.Rngs | None = None) -> LoRAConfig:
+    """Attach the adapters of a PEFT LoRA directory to ``model`` in place; returns the LoRAConfig in force.
+
+    With ``cfg`` the adapter must match it (rank, alpha, and exactly the modules
+    ``cfg.target`` selects); without, the config is read from the adapter (its
+    ``target`` then lists the adapted paths). Everything is checked before the
+    model is touched. Arrays keep the adapter file's dtype, so import -> export
+    is lossless; ``rngs`` feeds the adapter dropout (default ``nnx.Rngs(0)``).
+    """
+    adapter_dir = Path(adapter_dir)
+    config_file, weights_file = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory: {f.name} is missing")
+    pc = json.loads(config_file.read_text())
+    if pc.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {pc.get('peft_type')!r} is not 'LORA'")
+    bad = [f"{k}={pc[k]!r}" for k in _UNSUPPORTED if pc.get(k)]
+    if pc.get("bias", "none") != "none":
+        bad.append(f"bias={pc['bias']!r}")
+    if bad:
+        raise ValueError(f"{config_file}: unsupported LoRA options {', '.join(bad)} (plain LoRA only)")
+    rank, alpha, dropout = int(pc["r"]), float(pc["lora_alpha"]), float(pc.get("lora_dropout") or 0.0)
+    if cfg is not None:
+        if cfg.rank != rank:
+            raise ValueError(f"{config_file}: adapter rank r={rank} does not match the requested LoRAConfig.rank={cfg.rank}")
+        if not np.isclose(cfg.alpha, alpha):
+            raise ValueError(f"{config_file}: adapter lora_alpha={alpha} does not match the requested "
+                             f"LoRAConfig.alpha={cfg.alpha}")
+
+    source = TensorSource(weights_file)
+    modules = _torch_names(model)
+    found: dict[str, dict[str, np.ndarray]] = {}
+    unmapped = []
+    for key in source.keys():
+        m = _KEY.match(key)
+        if m is None or m.group(1) not in modules:
+            unmapped.append(key)
+            continue
+        found.setdefault(m.group(1), {})[m.group(2)] = source.read(key)
+    if unmapped:
+        raise ValueError(f"{weights_file}: {len(unmapped)} key(s) do not map onto a Linear of "
+                         f"{type(model).__name__}: {unmapped[:10]}")
+
+    if not found:
+        raise ValueError(f"{weights_file}: no lora_A/lora_B tensors")
+    adapted = {}
+    for name, ab in sorted(found.items()):
+        path, linear = modules[name]
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights_file}: {name} has lora_{next(iter(ab))} but not its pair")
+        a, b = ab["A"], ab["B"]
+        want_a, want_b = (rank, linear.in_features), (linear.out_features, rank)
+        if a.shape != want_a or b.shape != want_b:
+            raise ValueError(f"{weights_file}: {name} lora_A {a.shape} / lora_B {b.shape}, expected {want_a} / "
+                             f"{want_b} for r={rank} on Linear({linear.in_features}, {linear.out_features})")
+        if linear.lora_a is not None:
+            raise ValueError(f"{path} already has a LoRA adapter")
+        adapted[path] = (linear, a, b)
+
+    if cfg is None:
+        target = "^(?:" + "|".join(re.escape(p) for p in sorted(adapted)) + ")$"
+        cfg = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, target=target)
+    else:
+        selected = set(select_targets(model, cfg.target))
+        if selected != set(adapted):
+            raise ValueError(f"{adapter_dir}: target modules differ from LoRAConfig.target {cfg.target!r}: "
+                             f"{_diff(set(adapted), selected, 'in the adapter', 'selected by target')}")
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    for path, (linear, a, b) in adapted.items():
+        attach(linear, jnp.asarray(a.T), jnp.asarray(b.T), cfg.scale, cfg.dropout, rngs, name=path)
+    return cfg
