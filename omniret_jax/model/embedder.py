@@ -187,8 +187,8 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def embed_paths(model: WAVE, inputs: EmbedInputs, ecfg: EmbedConfig) -> dict[str, jax.Array]:
-    """Embeddings [B, D] (float32, unit norm) for every path in ``inputs.paths``; towers run once."""
+def encode_media(model: WAVE, inputs: EmbedInputs) -> dict[int, MediaFeatures]:
+    """Run each tower once; every LLM pass of the batch reuses the result."""
     media: dict[int, MediaFeatures] = {}
     if inputs.video_patches is not None:
         media[VIDEO] = model.encode_vision(inputs.video_patches, inputs.video_layout)
@@ -197,14 +197,23 @@ def embed_paths(model: WAVE, inputs: EmbedInputs, ecfg: EmbedConfig) -> dict[str
             media[AUDIO] = model.encode_audio_dual(inputs.mel, inputs.mel_lens, inputs.fbank, inputs.fbank_padding)
         else:
             media[AUDIO] = model.encode_audio(inputs.mel, inputs.mel_lens)
-    out = {}
-    for path, p in inputs.paths.items():
-        used = {k: v for k, v in media.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
-        _, states, _ = model(p.input_ids, p.attention_mask, p.position_ids, p.source, p.index, used,
-                             pool_index=p.last_index)
-        e = states[-1] if (path == "T" and not ecfg.text_fusion_head) else model.fuse(states)
-        out[path] = l2_normalize(e)
-    return out
+    return media
+
+
+def embed_path(model: WAVE, path: str, p: PathInputs, media: dict[int, MediaFeatures],
+               ecfg: EmbedConfig) -> jax.Array:
+    """One LLM pass: the path's tokens with its media, pooled, fused, unit-normalised (float32)."""
+    used = {k: v for k, v in media.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
+    _, states, _ = model(p.input_ids, p.attention_mask, p.position_ids, p.source, p.index, used,
+                         pool_index=p.last_index)
+    e = states[-1] if (path == "T" and not ecfg.text_fusion_head) else model.fuse(states)
+    return l2_normalize(e)
+
+
+def embed_paths(model: WAVE, inputs: EmbedInputs, ecfg: EmbedConfig) -> dict[str, jax.Array]:
+    """Embeddings [B, D] (float32, unit norm) for every path in ``inputs.paths``; towers run once."""
+    media = encode_media(model, inputs)
+    return {path: embed_path(model, path, p, media, ecfg) for path, p in inputs.paths.items()}
 
 
 embed = nnx.jit(embed_paths, static_argnames=("ecfg",))

@@ -78,12 +78,12 @@ class Thinker(nnx.Module):
         self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False,
                               axes=(EMBED, VOCAB), **kw)
 
-    # -- towers -------------------------------------------------------------------
+    # -- towers (frozen in every recipe: their outputs carry no gradient) --------
     def encode_vision(self, patches: jax.Array, layout: Any) -> MediaFeatures:
-        return MediaFeatures(*self.visual(patches, layout))
+        return jax.lax.stop_gradient(MediaFeatures(*self.visual(patches, layout)))
 
     def encode_audio(self, mel: jax.Array, feature_lens: jax.Array) -> MediaFeatures:
-        return MediaFeatures(*self.audio_tower(mel, feature_lens))
+        return jax.lax.stop_gradient(MediaFeatures(*self.audio_tower(mel, feature_lens)))
 
     # -- merge + decoder ----------------------------------------------------------
     def embed(self, input_ids: jax.Array, source: jax.Array, index: jax.Array,

@@ -63,8 +63,10 @@ class WAVE(Thinker):
         mel [R, n_mels, T] with ``feature_lens``; fbank [R, T_b, 128] (normalised,
         T_b a multiple of 16) with ``fbank_padding`` [R, T_b] (True = padded frame).
         """
-        whisper, valid = self.audio_tower(mel, feature_lens)                 # [R, N, D]
-        tokens, _ = self.beats(fbank, fbank_padding)                         # [R, N_b, C], zeros past valid
+        whisper_feats = self.encode_audio(mel, feature_lens)
+        whisper, valid = whisper_feats.features, whisper_feats.valid          # [R, N, D]
+        # BEATs is frozen; only the adaptor after it trains.
+        tokens = jax.lax.stop_gradient(self.beats(fbank, fbank_padding)[0])  # [R, N_b, C], zeros past valid
         n = whisper.shape[1]
         need = 2 * n
         if tokens.shape[1] < need:
