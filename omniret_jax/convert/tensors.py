@@ -19,7 +19,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {
+DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
@@ -121,7 +121,7 @@ class TensorSource:
             f, info, data_start = self._entries[key]
         except KeyError:
             raise CheckpointError(f"tensor {key!r} is not in the checkpoint") from None
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]

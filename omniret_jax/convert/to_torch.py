@@ -11,6 +11,7 @@ the files transformers' ``from_pretrained`` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -22,10 +23,11 @@ import numpy as np
 from flax import nnx
 
 from omniret_jax.convert.keymap import LAYOUTS, expected_hf_shape, flax_to_hf_array, flax_to_hf_key
-from omniret_jax.convert.tensors import _DTYPES
+from omniret_jax.convert.tensors import DTYPES
+from omniret_jax.model.beats import tied_keys
 from omniret_jax.model.lora import lora_modules, merged_kernel, path_str
 
-SAFETENSORS_DTYPES = {np.dtype(v): k for k, v in _DTYPES.items()}
+SAFETENSORSDTYPES = {np.dtype(v): k for k, v in DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -45,12 +47,12 @@ def write_safetensors(path: str | Path, entries: Iterable[tuple[str, tuple[int, 
     offset = 0
     for key, shape, dtype in entries:
         dtype = np.dtype(dtype)
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in SAFETENSORSDTYPES:
             raise ValueError(f"tensor {key!r}: dtype {dtype} has no safetensors code")
         if key in header:
             raise ValueError(f"tensor {key!r} is written twice")
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [int(s) for s in shape],
+        header[key] = {"dtype": SAFETENSORSDTYPES[dtype], "shape": [int(s) for s in shape],
                        "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -121,10 +123,20 @@ def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: st
         variables[key] = (path, var)
         value = var.get_value()
         entries.append((key, expected_hf_shape(path, tuple(value.shape)), np.dtype(value.dtype)))
+    # BEATs keeps one relative-bias table; its checkpoint layout repeats it per layer.
+    aliases: dict[str, str] = {}
+    beats_cfg = getattr(model, "beats_cfg", None)
+    if beats_cfg is not None:
+        prefix = LAYOUTS[layout]["beats"] + "."
+        for copy, source in tied_keys(beats_cfg).items():
+            aliases[prefix + copy] = prefix + source
+            _, shape, dtype = next(e for e in entries if e[0] == prefix + source)
+            entries.append((prefix + copy, shape, dtype))
+        config_updates = {"beats_config": dataclasses.asdict(beats_cfg), **(config_updates or {})}
     entries.sort(key=lambda e: e[0])
 
     def fetch(key: str) -> np.ndarray:
-        path, var = variables[key]
+        path, var = variables[aliases.get(key, key)]
         owner = path_str(path[:-1])
         value = merged_kernel(adapters[owner]) if path[-1] == "kernel" and owner in adapters else var.get_value()
         return flax_to_hf_array(path, np.asarray(jax.device_get(value)))
