@@ -14,7 +14,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         dtype="float32",            # activations
         param_dtype="float32",      # trainable parameters
         frozen_dtype="float32",     # frozen base weights (bfloat16 halves their memory)
-        remat=False,                # rematerialise each decoder layer in the backward pass
+        remat="none",               # per decoder layer: "none" | "full" (recompute) | "dots" (keep matmuls)
         seed=0,
     ))
     c.data = ml_collections.ConfigDict(dict(

@@ -25,13 +25,14 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from omniret_jax import sharding
-from omniret_jax.checkpoint import TrainCheckpointer
+from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import LossConfig
 from omniret_jax.model.beats import BEATsConfig
 from omniret_jax.model.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig, dtype_from_name
 from omniret_jax.model.embedder import EmbedConfig, Tokens
 from omniret_jax.model.lora import LoRAConfig, apply_lora, trainable_filter
+from omniret_jax.model.text import remat_name
 from omniret_jax.model.wave import WAVE
 from omniret_jax.step import StepConfig, TrainInputs, build_inputs, make_optimizer, train_step
 
@@ -82,9 +83,43 @@ def build_model(c) -> tuple[WAVE, Tokens]:
     model, _ = load_wave(c.model.checkpoint, beats_checkpoint=c.model.beats_checkpoint or None,
                          dtype=c.model.dtype, param_dtype=c.model.param_dtype,
                          init_missing_heads=c.model.init_missing_heads, seed=c.model.seed)
-    if c.model.remat:
-        model.language_model.remat = True
+    model.language_model.remat = remat_name(c.model.remat)
     return model, Tokens.from_pretrained(c.model.tokenizer or c.model.checkpoint)
+
+
+def lora_config(c) -> LoRAConfig:
+    return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout)
+
+
+def restore_trained(c, checkpoint_dir: str | Path, step: int | None = None) -> tuple[WAVE, Tokens, int]:
+    """The config's model in eval mode with LoRA attached and the trainables (adapters + heads)
+    of a training checkpoint directory (``<workdir>/checkpoints``) restored; ``step`` None takes
+    the newest. Frozen weights come from the config: the checkpoint holds only what training
+    changed. Returns (model, tokens, restored step)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    model, tokens = build_model(c)
+    lora = lora_config(c)
+    apply_lora(model, lora, nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2))
+    model.eval()
+    _, trainable, _ = nnx.split(model, trainable_filter(lora), ...)
+    ckpt = TrainCheckpointer(checkpoint_dir, keep=c.train.keep, save_every=c.train.ckpt_every)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint step in {checkpoint_dir}")
+        restored = ckpt.restore(steps[-1] if step is None else step, trainable)
+    finally:
+        ckpt.close()
+    nnx.update(model, restored.trainables)
+    saved, given = restored.config, json.loads(json.dumps(c.to_dict()))
+    drift = [f"{section}.{k}" for section in ("model", "lora") for k in sorted(given.get(section, {}))
+             if k in saved.get(section, {}) and saved[section][k] != given[section][k]]
+    if drift:
+        logging.warning("config differs from the one step %d was trained with: %s", restored.step,
+                        ", ".join(drift))
+    return model, tokens, restored.step
 
 
 def build_pipeline(c, workdir: Path, *, augment: bool) -> DataPipeline:
@@ -164,7 +199,7 @@ def train(c, workdir: Path) -> dict[str, float]:
     sharding.batch_sharding(mesh, c.train.batch_size)  # fails early if the batch does not divide
 
     model, tokens = build_model(c)
-    lora = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout)
+    lora = lora_config(c)
     apply_lora(model, lora, nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2))
     model.train()  # adapter dropout on
     wrt = trainable_filter(lora)
@@ -179,10 +214,13 @@ def train(c, workdir: Path) -> dict[str, float]:
                         weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
                         accumulate=c.optim.accumulate)
     param_sh = sharding.state_shardings(trainable, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=None)(trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # tx.init puts fresh scalars (Adam's count) on one device; the step returns them on the mesh, so
+    # without this the second step would see new input shardings and compile again.
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                             jax.jit(tx.init)(trainable))
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     frozen_sh = sharding.state_shardings(frozen, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     pipeline = build_pipeline(c, workdir, augment="L_T" in lcfg.terms)
     ckpt = TrainCheckpointer(workdir / "checkpoints", keep=c.train.keep, save_every=c.train.ckpt_every,

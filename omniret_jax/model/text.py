@@ -84,18 +84,33 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
     return causal[None, None] & (attention_mask[:, None, None, :] > 0)
 
 
+# Rematerialisation of each decoder layer in the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": None,  # keep only layer inputs, recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def remat_name(remat: bool | str) -> str:
+    name = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    return name
+
+
 class TextModel(nnx.Module):
     """Embedding, decoder layers and final norm (the ``model`` of the HF thinker)."""
 
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool | str = False):
         self.cfg, self.dtype = cfg, dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype, axes=(VOCAB, EMBED))
         self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.remat = remat
+        self.remat = remat_name(remat)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
                  *, pool_index: jax.Array | None = None):
@@ -116,8 +131,8 @@ class TextModel(nnx.Module):
         def run_layer(layer, h):
             return layer(h, cos, sin, mask)
 
-        if self.remat:
-            run_layer = nnx.remat(run_layer)
+        if self.remat != "none":
+            run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
 
         h = inputs_embeds.astype(self.dtype)
         states = [keep(h)]

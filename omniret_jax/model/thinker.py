@@ -69,7 +69,7 @@ jax.tree_util.register_dataclass(MediaFeatures, data_fields=["features", "valid"
 
 
 class Thinker(nnx.Module):
-    def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: ThinkerConfig, *, rngs: nnx.Rngs, remat: bool | str = False):
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.language_model = TextModel(cfg.text, remat=remat, **kw)

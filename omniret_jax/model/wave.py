@@ -48,7 +48,7 @@ def wave_heads(cfg: ThinkerConfig, beats_cfg: BEATsConfig, *, rngs: nnx.Rngs) ->
 
 
 class WAVE(Thinker):
-    def __init__(self, cfg: ThinkerConfig, beats_cfg: BEATsConfig, *, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: ThinkerConfig, beats_cfg: BEATsConfig, *, rngs: nnx.Rngs, remat: bool | str = False):
         super().__init__(cfg, rngs=rngs, remat=remat)
         self.beats_cfg = beats_cfg
         self.beats = BEATs(beats_cfg, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
