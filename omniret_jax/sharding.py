@@ -277,7 +277,7 @@ def batch_sharding(mesh: Mesh, global_batch: int | None = None, *, batch_axis: i
 def shard_batch(batch, mesh: Mesh, *, batch_axis: int = 0, rules=None):
     """Host arrays of this process's share of the batch -> global arrays sharded like ``batch_sharding``.
 
-    Every leaf has its batch at ``batch_axis`` (use 1 for M-RoPE position ids [3, B, S]).
+    Every leaf has its batch at ``batch_axis``.
     Multi-host: each process passes its own rows (see ``process_slice``); the global
     batch is the local one times (batch shards in the mesh / batch shards held here).
     """

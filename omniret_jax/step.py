@@ -29,7 +29,7 @@ class TrainInputs:
     anchor: EmbedInputs
     aug: EmbedInputs | None = None
     neg: PathInputs | None = None     # TVA layout of the hard-negative tuple
-    neg_rows: jax.Array | None = None  # [3, B]: text / video / audio source row of each negative
+    neg_rows: jax.Array | None = None  # [B, 3]: text / video / audio source row of each negative
 
 
 # ----------------------------------------------------------------------------- host side
@@ -86,7 +86,7 @@ def build_inputs(batch: dict, step: int, model_cfg, tokens: Tokens, ecfg: EmbedC
         for key in ("mel", "mel_len", "fbank", "fbank_len"):
             swapped[key] = np.asarray(batch[key])[a]
         out.neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
-        out.neg_rows = rows.astype(np.int32)
+        out.neg_rows = rows.T.astype(np.int32)
     return out
 
 
@@ -104,7 +104,7 @@ def embeddings(model, inputs: TrainInputs, ecfg: EmbedConfig) -> dict[str, jax.A
         aug_media = encode_media(model, inputs.aug)
         emb.update({p + "_aug": embed_path(model, p, pi, aug_media, ecfg) for p, pi in inputs.aug.paths.items()})
     if inputs.neg is not None:
-        t, v, a = inputs.neg_rows
+        t, v, a = inputs.neg_rows.T
         neg_media = {VIDEO: _rows(media[VIDEO], v), AUDIO: _rows(media[AUDIO], a)}
         emb["TVA_neg"] = embed_path(model, "TVA", inputs.neg, neg_media, ecfg)
         for m, rows in (("T", t), ("V", v), ("A", a)):

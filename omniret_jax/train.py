@@ -9,9 +9,7 @@ saves and exits 0.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -36,8 +34,12 @@ from omniret_jax.model.text import remat_name
 from omniret_jax.model.wave import WAVE
 from omniret_jax.step import StepConfig, TrainInputs, build_inputs, make_optimizer, train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :preset)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the synthetic corpus go here")
+
+
+def define_config_flag() -> None:
+    """``--config`` (a configs/*.py file, optionally ``:preset``) with ``--config.<key>=<value>`` overrides."""
+    if "config" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :preset)")
 
 # Special token ids of the random-init tiny model (its vocabulary is bytes + these).
 TINY_IDS = dict(audio_token_id=300, image_token_id=301, video_token_id=302, audio_start_token_id=303,
@@ -151,15 +153,6 @@ def embed_config(c) -> EmbedConfig:
     return EmbedConfig(**c.embed.to_dict())
 
 
-def input_shardings(inputs: TrainInputs, mesh) -> TrainInputs:
-    """Batch-axis sharding for every input leaf ([3, B, ...] arrays split on axis 1)."""
-    def one(path, x):
-        name = getattr(path[-1], "name", None)
-        return sharding.batch_sharding(mesh, x.shape[1 if name in ("position_ids", "neg_rows") else 0],
-                                       batch_axis=1 if name in ("position_ids", "neg_rows") else 0)
-    return jax.tree_util.tree_map_with_path(one, inputs)
-
-
 class MetricsWriter:
     """metrics.jsonl plus TensorBoard events in the workdir (process 0 only)."""
 
@@ -252,8 +245,8 @@ def train(c, workdir: Path) -> dict[str, float]:
             t0 = time.perf_counter()
             batch = next(pipeline)
             host = build_inputs(batch, step, model.cfg, tokens, ecfg, lcfg, seed=c.train.seed)
-            in_sh = input_shardings(host, mesh)
-            inputs = jax.tree.map(lambda x, s: jax.device_put(x, s), host, in_sh)
+            inputs = sharding.shard_batch(host, mesh)  # every input leaf is batch-first
+            in_sh = jax.tree.map(lambda x: x.sharding, inputs)
             if jitted is None:
                 jitted = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh, replicated, replicated),
                                  out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 2))
@@ -298,12 +291,12 @@ def train(c, workdir: Path) -> dict[str, float]:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train(_CONFIG.value, Path(_WORKDIR.value))
+    train(flags.FLAGS.config, Path(flags.FLAGS.workdir))
 
 
 if __name__ == "__main__":
+    define_config_flag()
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and the synthetic corpus go here")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

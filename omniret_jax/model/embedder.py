@@ -71,7 +71,7 @@ class Tokens:
 class PathInputs:
     input_ids: jax.Array       # [B, S]
     attention_mask: jax.Array  # [B, S]
-    position_ids: jax.Array    # [3, B, S]
+    position_ids: jax.Array    # [B, 3, S] (batch first so every input shards on axis 0)
     source: jax.Array          # [B, S]
     index: jax.Array           # [B, S]
     last_index: jax.Array      # [B]
@@ -177,8 +177,8 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
         kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
         source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity)
-        out.paths[path] = PathInputs(padded.input_ids, padded.attention_mask, pos, source, index,
-                                     padded.last_index)
+        out.paths[path] = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source,
+                                     index, padded.last_index)
     return out
 
 
@@ -204,8 +204,8 @@ def embed_path(model: WAVE, path: str, p: PathInputs, media: dict[int, MediaFeat
                ecfg: EmbedConfig) -> jax.Array:
     """One LLM pass: the path's tokens with its media, pooled, fused, unit-normalised (float32)."""
     used = {k: v for k, v in media.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
-    _, states, _ = model(p.input_ids, p.attention_mask, p.position_ids, p.source, p.index, used,
-                         pool_index=p.last_index)
+    _, states, _ = model(p.input_ids, p.attention_mask, jnp.swapaxes(p.position_ids, 0, 1), p.source, p.index,
+                         used, pool_index=p.last_index)
     e = states[-1] if (path == "T" and not ecfg.text_fusion_head) else model.fuse(states)
     return l2_normalize(e)
 

@@ -1,0 +1,63 @@
+"""``python -m omniret_jax.eval --config configs/<x>.py --checkpoint WORKDIR|STEP_DIR|none
+--manifest M.jsonl --out OUTDIR [--mode first|all] [--block 1024] [--compression]``.
+
+Rebuilds the config's model (random tiny init, or load_wave for a real checkpoint), restores
+the trained LoRA + heads from a training workdir (newest step), its checkpoints/ directory or
+one step directory (``none`` evaluates the untrained "frozen" backbone), embeds the manifest's
+gallery through every path the directions need, caches the vectors in
+OUTDIR/embeddings.safetensors and writes OUTDIR/results.json and OUTDIR/results.md (12
+directions: R@1/5/10, NDCG@10, MRR, MedR; AVG single/dual/all of R@1; optional compression
+table). Config overrides work as in training: ``--config.embed.seq_len=2048``.
+
+COMMAND: python -m omniret_jax.eval --config configs/tiny.py --checkpoint /tmp/run --manifest /tmp/run/corpus/manifest.jsonl --out /tmp/run/eval
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from omniret_jax.train import define_config_flag
+from omniret_jax.checkpoint import CheckpointError
+from omniret_jax.eval.embed import evaluate_checkpoint
+
+define_config_flag()
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir, its checkpoints/ dir, one step dir, "
+                                  "or 'none' for the untrained (frozen) model")
+_MANIFEST = flags.DEFINE_string("manifest", None, "JSONL manifest of the gallery")
+_OUT = flags.DEFINE_string("out", None, "output directory (embedding cache, results.json, results.md)")
+_MODE = flags.DEFINE_enum("mode", "first", ["first", "all"], "first caption per clip, or every caption")
+_BLOCK = flags.DEFINE_integer("block", 1024, "query rows scored at a time")
+_BATCH = flags.DEFINE_integer("batch_size", None, "clips per embedding batch (default: config.train.batch_size)")
+_DIRECTIONS = flags.DEFINE_list("directions", None, "subset of the 12 directions, e.g. T->V,V->T (default all)")
+_COMPRESSION = flags.DEFINE_boolean("compression", False, "add the compression table (paper Appendix G)")
+_SEEDS = flags.DEFINE_list("compression_seeds", ["0", "1", "2", "3", "4"], "seeds of the random dimension subsets")
+_RECOMPUTE = flags.DEFINE_boolean("recompute", False, "ignore a cached embedding file in --out")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    missing = [f"--{n}" for n, v in (("config", config), ("checkpoint", _CHECKPOINT.value),
+                                     ("manifest", _MANIFEST.value), ("out", _OUT.value)) if v is None]
+    if missing:
+        raise app.UsageError(f"{', '.join(missing)} required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+        result = evaluate_checkpoint(
+            config, _CHECKPOINT.value, _MANIFEST.value, _OUT.value, mode=_MODE.value, block=_BLOCK.value,
+            batch_size=_BATCH.value, directions=_DIRECTIONS.value, compression=_COMPRESSION.value,
+            compression_seeds=seeds, recompute=_RECOMPUTE.value)
+    except (ValueError, KeyError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, value in result["averages"].items():
+        print(f"{name}: R@1 {value:.2f}")
+    print(f"wrote {_OUT.value}/results.json and results.md")
+
+
+if __name__ == "__main__":
+    app.run(main)
