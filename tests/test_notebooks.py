@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from omniret_jax.eval import retrieval
@@ -44,7 +43,6 @@ def test_quickstart(tmp_path):
     assert all(0.0 <= m["R@1"] <= 100.0 for m in res["directions"].values())
 
 
-@pytest.mark.slow
 def test_ablations(tmp_path):
     nb = _execute("ablations.ipynb", tmp_path, timeout=1200)
     text = _text(nb)
