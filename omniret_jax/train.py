@@ -208,11 +208,10 @@ def train(c, workdir: Path) -> dict[str, float]:
                         accumulate=c.optim.accumulate)
     param_sh = sharding.state_shardings(trainable, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    # tx.init puts fresh scalars (Adam's count) on one device; the step returns them on the mesh, so
-    # without this the second step would see new input shardings and compile again.
-    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-                             jax.jit(tx.init)(trainable))
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    # Moments follow their parameters (the axes metadata travels with them); counters are
+    # replicated on the mesh, as the step returns them (else step 2 would compile again).
+    opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, trainable), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     frozen_sh = sharding.state_shardings(frozen, mesh)
 
     pipeline = build_pipeline(c, workdir, augment="L_T" in lcfg.terms)

@@ -1,0 +1,418 @@
+"""The train step and the training loop on the tiny random-init WAVE (configs/tiny.py).
+
+Runs on the 8 virtual CPU devices of conftest.py; the batch is bench/train_step.py's random
+batch in DataPipeline's format, or the synthetic corpus for train().
+- Sharding: two jitted steps of the full preset (LoRA B non-zero, adapter dropout on; step 0
+  has lr 0 under the warm-up, step 1 moves every trainable) on mesh 2x2x2 (8x1x1 and 1x4x2 in
+  the slow run) equal the 1x1x1 run within 1e-5 relative: loss terms, grad norm, every
+  trainable leaf and the Adam moments (relative = ||a - b|| / ||b|| per leaf).
+- Negatives: the sharded loss equals the global-batch loss of the step's embeddings and is
+  far from the mean of per-shard losses.
+- Non-finite input: the update is skipped bitwise; train() skips such steps, resets the count
+  after a good one and aborts after train.max_nonfinite consecutive ones.
+- Bad input: batch of 1 with L_T, mesh/batch mismatches, unknown CLI config key.
+- Resume: step 2 of an uninterrupted run, continued by train() in a fresh workdir, ends bitwise
+  equal at step 4; slow: SIGTERM mid-run, then continue; CLI smoke (pairwise preset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bench.train_step import random_batch
+from configs import tiny
+from omniret_jax import sharding
+from omniret_jax import step as step_mod
+from omniret_jax import train as trainer
+from omniret_jax.checkpoint import TrainCheckpointer
+from omniret_jax.data.synth import SynthSettings, generate
+from omniret_jax.losses import compute_losses
+from omniret_jax.model.lora import apply_lora, lora_modules, trainable_filter
+from omniret_jax.step import StepConfig, build_inputs, embeddings, make_optimizer, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+B = 8
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    """{dotted path: host array} of a state / optimizer tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves}
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| (Frobenius, per leaf)."""
+    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-30))
+
+
+# ----------------------------------------------------------------------------- the step on a mesh
+
+def _config():
+    """configs/tiny.py full preset over 4 steps (warm-up 1: lr 0 at step 0, the peak at step 1)."""
+    c = tiny.get_config("full")
+    c.train.steps = 4
+    return c
+
+
+@dataclasses.dataclass
+class Setup:
+    graphdef: object
+    trainable: object
+    frozen: object
+    wrt: object
+    tx: object
+    cfg: StepConfig
+    hosts: list      # TrainInputs of steps 0 and 1
+    keys: list       # dropout keys of steps 0 and 1
+
+
+def _lora_model(c, *, nonzero_b: bool):
+    """The model exactly as train.py builds it; optionally with random LoRA B so every adapter gets gradient."""
+    model = trainer.tiny_model(c, nnx.Rngs(params=c.model.seed))
+    lora = trainer.lora_config(c)
+    apply_lora(model, lora, nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2))
+    if nonzero_b:
+        for i, (_, linear) in enumerate(sorted(lora_modules(model).items())):
+            key = jax.random.fold_in(jax.random.key(123), i)
+            linear.lora_b.set_value(0.05 * jax.random.normal(key, linear.lora_b.shape))
+    model.train()
+    wrt = trainable_filter(lora)
+    return model, wrt
+
+
+def _optimizer(c):
+    return make_optimizer(lr=c.optim.lr, total_steps=c.train.steps, warmup_ratio=c.optim.warmup_ratio,
+                          weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
+                          accumulate=c.optim.accumulate)
+
+
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+    c = _config()
+    model, wrt = _lora_model(c, nonzero_b=True)
+    graphdef, trainable, frozen = nnx.split(model, wrt, ...)
+    lcfg, ecfg = trainer.loss_config(c), trainer.embed_config(c)
+    hosts = [build_inputs(random_batch(c, B, seed=s), s, model.cfg, trainer.byte_tokens(), ecfg, lcfg,
+                          seed=c.train.seed) for s in (0, 1)]
+    keys = [jax.random.fold_in(jax.random.key(c.train.seed), s) for s in (0, 1)]
+    return Setup(graphdef, trainable, frozen, wrt, _optimizer(c), StepConfig(ecfg=ecfg, loss=lcfg), hosts, keys)
+
+
+@dataclasses.dataclass
+class MeshRun:
+    fn: object           # the jitted step (donates parameters and optimizer state, as train.py)
+    mesh: object
+    shardings: tuple     # (trainable, optimizer state)
+    frozen: object       # frozen state on the mesh
+    params: list         # host trainables before step 0, after step 0, after step 1
+    opts: list           # host optimizer states, likewise
+    metrics: list        # host metrics of steps 0 and 1
+
+    def __call__(self, params, opt, host_inputs, step, key):
+        """One step from host trees; returns host (trainables, optimizer state, metrics)."""
+        param_sh, opt_sh = self.shardings
+        out = self.fn(jax.device_put(params, param_sh), self.frozen, jax.device_put(opt, opt_sh),
+                      sharding.shard_batch(host_inputs, self.mesh), np.int32(step), key)
+        return jax.device_get(out)
+
+
+def _run_on_mesh(s: Setup, shape: tuple[int, int, int]) -> MeshRun:
+    """Two steps placed and jitted the way train.py does it."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(*shape), jax.devices()[:math.prod(shape)])
+    trainable, frozen = sharding.shard_state(s.trainable, mesh), sharding.shard_state(s.frozen, mesh)
+    param_sh, frozen_sh = sharding.state_shardings(trainable, mesh), sharding.state_shardings(frozen, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                       jax.jit(s.tx.init)(trainable))
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt)
+    in_sh = jax.tree.map(lambda x: x.sharding, sharding.shard_batch(s.hosts[0], mesh))
+
+    def step_fn(params, frozen_state, opt_state, inputs, step, key):
+        return train_step(s.graphdef, params, frozen_state, opt_state, inputs, step, key, wrt=s.wrt, tx=s.tx,
+                          cfg=s.cfg)
+
+    fn = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh, replicated, replicated),
+                 out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 2))
+    run = MeshRun(fn, mesh, (param_sh, opt_sh), frozen, [jax.device_get(trainable)], [jax.device_get(opt)], [])
+    for i, host in enumerate(s.hosts):
+        p, o, m = run(run.params[-1], run.opts[-1], host, i, s.keys[i])
+        run.params.append(p)
+        run.opts.append(o)
+        run.metrics.append({k: float(v) for k, v in m.items()})
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    cache: dict[tuple, MeshRun] = {}
+
+    def get(shape):
+        if shape not in cache:
+            cache[shape] = _run_on_mesh(setup, shape)
+        return cache[shape]
+
+    return get
+
+
+@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2),
+                                   pytest.param((1, 4, 2), marks=pytest.mark.slow)])
+def test_sharded_step_matches_single_device(runs, shape):
+    ref, got = runs((1, 1, 1)), runs(shape)
+    for i in range(2):
+        for k in ("loss", "grad_norm", "L_A", "L_D", "L_T"):
+            err = abs(got.metrics[i][k] - ref.metrics[i][k]) / abs(ref.metrics[i][k])
+            print(f"mesh {shape} step {i} {k}: {got.metrics[i][k]:.6f} vs {ref.metrics[i][k]:.6f} rel {err:.2e}")
+            assert err <= TOL, (shape, i, k, err)
+        assert got.metrics[i]["skipped"] == ref.metrics[i]["skipped"] == 0
+    before, after_ref, after = _flat(ref.params[0]), _flat(ref.params[2]), _flat(got.params[2])
+    assert after.keys() == after_ref.keys()
+    lora_leaves = [k for k in after if "lora_" in k]
+    assert len(lora_leaves) == 2 * 3 * 2, lora_leaves  # a and b on q/k/v of both layers
+    worst, worst_update = 0.0, 0.0
+    for k, ref_v in after_ref.items():
+        moved = ref_v - before[k]
+        assert np.any(moved != 0), f"{k} did not move in step 1"
+        err, err_update = _rel(after[k], ref_v), _rel(after[k] - before[k], moved)
+        assert err <= TOL, f"mesh {shape}: {k} differs by {err:.2e} (relative)"
+        # Adam divides by |g|, which amplifies gradient rounding on near-zero entries: 10x looser.
+        assert err_update <= 10 * TOL, f"mesh {shape}: the step-1 update of {k} differs by {err_update:.2e}"
+        worst, worst_update = max(worst, err), max(worst_update, err_update)
+    opt_ref, opt = _flat(ref.opts[2]), _flat(got.opts[2])
+    worst_opt = max(_rel(opt[k], v) for k, v in opt_ref.items() if v.ndim)
+    assert worst_opt <= TOL, f"mesh {shape}: Adam moments differ by {worst_opt:.2e}"
+    print(f"mesh {shape}: {len(after)} trainable leaves, worst rel err {worst:.2e} (of the step-1 update "
+          f"{worst_update:.2e}); Adam moments {worst_opt:.2e}")
+
+
+@pytest.fixture(scope="module")
+def step0_embeddings(setup) -> dict[str, np.ndarray]:
+    """Step 0's embeddings without gradients (same merge, same dropout reseed), on one device."""
+    @jax.jit
+    def emb(trainable, frozen, inputs, key):
+        model = nnx.merge(setup.graphdef, trainable, frozen)
+        nnx.reseed(model, dropout=key)
+        return embeddings(model, inputs, setup.cfg.ecfg)
+
+    dev = jax.devices()[0]
+    return jax.device_get(emb(jax.device_put(setup.trainable, dev), jax.device_put(setup.frozen, dev),
+                              jax.device_put(setup.hosts[0], dev), setup.keys[0]))
+
+
+@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
+def test_negatives_span_global_batch(setup, runs, step0_embeddings, shape):
+    emb = step0_embeddings
+    global_loss = float(compute_losses(emb, 0, setup.cfg.loss)[0])
+    shards = math.prod(shape[:2])
+    rows = np.split(np.arange(B), shards)
+    per_shard = float(np.mean([compute_losses({k: v[r] for k, v in emb.items()}, 0, setup.cfg.loss)[0]
+                               for r in rows]))
+    single, sharded = runs((1, 1, 1)).metrics[0]["loss"], runs(shape).metrics[0]["loss"]
+    print(f"mesh {shape}: step loss {sharded:.6f}, single device {single:.6f}, global-batch loss of the "
+          f"embeddings {global_loss:.6f}, mean of {shards} per-shard losses {per_shard:.6f}")
+    assert abs(global_loss - single) <= TOL * abs(single)
+    assert abs(sharded - global_loss) <= TOL * abs(global_loss)
+    assert abs(sharded - per_shard) > 0.1 * abs(global_loss), "loss looks computed per shard"
+
+
+@pytest.mark.parametrize("where", ["mel", "video_patches"])
+def test_nonfinite_input_skips_update_bitwise(setup, runs, where):
+    run = runs((1, 1, 1))
+    host = setup.hosts[1]
+    bad = getattr(host.anchor, where).copy()
+    bad[3] = np.nan if where == "mel" else np.inf
+    poisoned = dataclasses.replace(host, anchor=dataclasses.replace(host.anchor, **{where: bad}))
+    params, opt = run.params[2], run.opts[2]
+    new_params, new_opt, m = run(params, opt, poisoned, 2, setup.keys[1])
+    print(f"{where} poisoned: loss {float(m['loss'])}, skipped {int(m['skipped'])}")
+    assert not np.isfinite(m["loss"]) and int(m["skipped"]) == 1
+    for name, new, old in (("trainables", new_params, params), ("optimizer state", new_opt, opt)):
+        new, old = _flat(new), _flat(old)
+        assert new.keys() == old.keys()
+        for k in old:
+            assert new[k].tobytes() == old[k].tobytes(), f"{name} leaf {k} changed on a skipped step"
+
+
+def test_batch_of_one_has_no_derangement():
+    c = _config()
+    model = trainer.tiny_model(c, nnx.Rngs(params=0))
+    with pytest.raises(ValueError, match="batch of 1 is too small for a derangement"):
+        build_inputs(random_batch(c, 1, seed=0), 0, model.cfg, trainer.byte_tokens(), trainer.embed_config(c),
+                     trainer.loss_config(c), seed=0)
+
+
+# ----------------------------------------------------------------------------- train()
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    generate(str(out), 8, seed=0, settings=SynthSettings(seconds=2.0, size=64), progress=False)
+    return out / "manifest.jsonl"
+
+
+def _train_config(manifest: Path):
+    """_config() on the 8-clip corpus: batch 8 on a 2x2x2 mesh, a metrics line every step."""
+    c = _config()
+    c.data.manifest = str(manifest)
+    c.train.batch_size, c.train.log_every, c.train.ckpt_every = B, 1, 100
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    return c
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _poison(steps: set[int]):
+    """build_inputs that puts NaN into the anchor's mel on the given steps."""
+    def build(batch, step, *args, **kwargs):
+        out = step_mod.build_inputs(batch, step, *args, **kwargs)
+        if step in steps:
+            out.anchor.mel[0, :, :5] = np.nan
+        return out
+    return build
+
+
+def _restore(c, workdir: Path, step: int):
+    """Host (trainables, optimizer state) of a saved step, restored into trees built like train.py's."""
+    model, wrt = _lora_model(c, nonzero_b=False)
+    _, trainable, _ = nnx.split(model, wrt, ...)
+    opt = jax.jit(_optimizer(c).init)(trainable)
+    with TrainCheckpointer(workdir / "checkpoints") as ckpt:
+        r = ckpt.restore(step, trainable, opt)
+    return _flat(r.trainables), _flat(r.opt_state)
+
+
+def _saved_steps(workdir: Path) -> list[int]:
+    with TrainCheckpointer(workdir / "checkpoints") as ckpt:
+        return ckpt.all_steps()
+
+
+def _assert_same_state(c, a: Path, b: Path, step: int) -> int:
+    (pa, oa), (pb, ob) = _restore(c, a, step), _restore(c, b, step)
+    assert pa.keys() == pb.keys() and oa.keys() == ob.keys()
+    assert any("lora_b" in k and np.any(v != 0) for k, v in pa.items())  # training moved the adapters
+    for k in pa:
+        assert pa[k].tobytes() == pb[k].tobytes(), f"trainable {k} differs after resume"
+    for k in oa:
+        assert oa[k].tobytes() == ob[k].tobytes(), f"optimizer leaf {k} differs after resume"
+    return len(pa)
+
+
+@pytest.fixture(scope="module")
+def straight(manifest, tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run that saves steps 2 and 4."""
+    c = _train_config(manifest)
+    c.train.ckpt_every = 2
+    workdir = tmp_path_factory.mktemp("straight")
+    trainer.train(c, workdir)
+    assert _saved_steps(workdir) == [2, 4]
+    assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3, 4]
+    return workdir
+
+
+def test_resume_is_bitwise(manifest, straight, tmp_path):
+    """A fresh workdir holding only step 2 of the straight run trains on to step 4 bitwise equal."""
+    c = _train_config(manifest)
+    shutil.copytree(straight / "checkpoints" / "2", tmp_path / "checkpoints" / "2")
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2, 4]
+    a, b = _metrics(straight), _metrics(tmp_path)
+    assert [(m["step"], m["loss"]) for m in a[2:]] == [(m["step"], m["loss"]) for m in b], (a, b)
+    n = _assert_same_state(c, straight, tmp_path, 4)
+    print(f"resume from step 2: losses {[round(m['loss'], 6) for m in a]}; {n} trainable leaves and the "
+          "optimizer state bitwise equal at step 4")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monkeypatch):
+    """SIGTERM during step 1: train() saves step 2 and returns; a second train() finishes the run."""
+    c = _train_config(manifest)
+
+    def stop_during_step_1(batch, step, *args, **kwargs):
+        if step == 1:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler installed"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_mod.build_inputs(batch, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_inputs", stop_during_step_1)
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2]
+    monkeypatch.setattr(trainer, "build_inputs", step_mod.build_inputs)
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2, 4]
+    a, b = _metrics(straight), _metrics(tmp_path)
+    assert [(m["step"], m["loss"]) for m in a] == [(m["step"], m["loss"]) for m in b], (a, b)
+    n = _assert_same_state(c, straight, tmp_path, 4)
+    print(f"SIGTERM at step 1, resumed: {n} trainable leaves and the optimizer state bitwise equal at step 4")
+
+
+def test_train_skips_nonfinite_steps_and_aborts_after_max_nonfinite(manifest, tmp_path, monkeypatch):
+    """NaN on steps 0, 2, 3 with max_nonfinite=1: 0 is skipped, 1 resets the count, 2 is skipped,
+    3 is the second consecutive one and aborts without saving."""
+    c = _train_config(manifest)
+    c.train.max_nonfinite = 1
+    monkeypatch.setattr(trainer, "build_inputs", _poison({0, 2, 3}))
+    with pytest.raises(FloatingPointError, match=r"2 consecutive steps .*train\.max_nonfinite=1"):
+        trainer.train(c, tmp_path)
+    logged = _metrics(tmp_path)
+    assert [(m["step"], m["skipped"]) for m in logged] == [(1, 1.0), (2, 0.0), (3, 1.0)]
+    assert [np.isfinite(m["loss"]) for m in logged] == [False, True, False]
+    assert _saved_steps(tmp_path) == []
+
+
+@pytest.mark.parametrize("mesh, batch, words", [
+    ((3, 1, 1), 4, ["data=3", "device count 8"]),
+    ((-1, 1, 1), 4, ["global batch 4", "data*fsdp = 8*1 = 8"]),
+    ((2, 2, 2), 6, ["global batch 6", "data*fsdp = 2*2 = 4"]),
+])
+def test_train_rejects_bad_mesh(tmp_path, mesh, batch, words):
+    c = tiny.get_config("pairwise")
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    c.train.batch_size = batch
+    with pytest.raises(ValueError) as e:
+        trainer.train(c, tmp_path)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not (tmp_path / "corpus").exists()
+
+
+def _cli(*args, devices: int = 1, timeout: int = 300):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "omniret_jax.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_unknown_config_key(tmp_path):
+    r = _cli("--config", "configs/tiny.py", "--workdir", str(tmp_path / "x"), "--config.train.stepz=3")
+    assert r.returncode != 0
+    assert "stepz" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_cli_smoke(tmp_path):
+    work = tmp_path / "run"
+    r = _cli("--config", "configs/tiny.py:pairwise", "--workdir", str(work), "--config.train.steps=3",
+             "--config.data.synth_n=8", "--config.train.batch_size=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = _metrics(work)
+    assert logged[-1]["step"] == 3 and np.isfinite(logged[-1]["loss"]) and logged[-1]["skipped"] == 0
+    assert {"L_A", "L_A/T-V", "L_A/T-A", "L_A/V-A", "grad_norm", "examples_per_s"} <= logged[-1].keys()
+    assert list((work / "tensorboard").glob("events.out.tfevents.*"))
+    assert (work / "corpus" / "manifest.jsonl").exists()
+    print(f"CLI smoke: {logged[-1]}")
