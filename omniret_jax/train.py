@@ -32,7 +32,7 @@ from omniret_jax.model.embedder import EmbedConfig, Tokens
 from omniret_jax.model.lora import LoRAConfig, apply_lora, trainable_filter
 from omniret_jax.model.text import remat_name
 from omniret_jax.model.wave import WAVE
-from omniret_jax.step import StepConfig, TrainInputs, build_inputs, make_optimizer, train_step
+from omniret_jax.step import StepConfig, build_inputs, make_optimizer, train_step
 
 
 

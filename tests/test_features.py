@@ -89,7 +89,7 @@ def test_video_frame_pairing_layout():
     count is completed by repeating the last frame. Frames here are flat colours identifying
     their index, so every column block names the frame it came from.
     """
-    t, h, w = 5, 56, 84
+    h, w = 56, 84
     values = [10, 60, 110, 160, 210]
     frames = np.stack([np.full((h, w, 3), v, np.uint8) for v in values])
     patches, grid = vision_patches(frames)

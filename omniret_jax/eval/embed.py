@@ -44,7 +44,7 @@ from omniret_jax.eval import retrieval
 from omniret_jax.eval.store import (CAPTION_LEVEL_PATHS, PATH_NAMES, EmbeddingSet, caption_entries,
                                     load_embeddings, write_embeddings)
 from omniret_jax.model.config import dtype_from_name
-from omniret_jax.model.embedder import EmbedConfig, EmbedInputs, Tokens, embed_paths, prepare
+from omniret_jax.model.embedder import EmbedConfig, Tokens, embed_paths, prepare
 from omniret_jax.model.lora import trainable_filter
 
 FINGERPRINT_FORMAT = 1
