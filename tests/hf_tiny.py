@@ -54,3 +54,27 @@ def tiny_hf_thinker(seed: int = 0, **kw) -> Qwen2_5OmniThinkerForConditionalGene
             if name.startswith("model.language_model.") and name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(5.0)
     return model
+
+
+def load_torch_weights(module, torch_module: torch.nn.Module) -> None:
+    """Copy a torch submodule's weights into the matching Flax tower, in place.
+
+    Uses the converter's leaf rule (a path's final ``kernel`` is torch's ``weight``
+    transposed); every key must match on both sides, with the same shape.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omniret_jax.convert.keymap import hf_to_flax_array
+
+    sd = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
+    state = nnx.state(module, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    keys = {".".join([*map(str, p[:-1]), "weight" if str(p[-1]) == "kernel" else str(p[-1])]): (p, v)
+            for p, v in flat}
+    assert set(keys) == set(sd), f"unmatched keys: {sorted(set(keys) ^ set(sd))}"
+    for key, (path, var) in keys.items():
+        value = hf_to_flax_array(path, sd[key])
+        assert value.shape == tuple(var.get_value().shape), (key, value.shape, var.get_value().shape)
+        var.set_value(jnp.asarray(value, var.get_value().dtype))
+    nnx.update(module, state)

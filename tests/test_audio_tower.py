@@ -17,7 +17,7 @@ from flax import nnx
 
 from omniret_jax.model.audio import AudioTower, audio_output_lengths, sinusoid_positions
 from omniret_jax.model.config import ThinkerConfig
-from tests.hf_tiny import tiny_hf_thinker
+from tests.hf_tiny import load_torch_weights, tiny_hf_thinker
 
 TOL = 1e-4
 CHUNK = 200  # 2 * n_window of the tiny config
@@ -38,23 +38,9 @@ def torch_key(path) -> str:
     return key[: -len("kernel")] + "weight" if key.endswith("kernel") else key
 
 
-def load_torch_weights(tower: AudioTower, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy torch tensors into the tower by the naming contract; every key on both sides must match."""
-    state = nnx.state(tower, nnx.Param)
-    ours = {torch_key(path): (path, var) for path, var in nnx.to_flat_state(state)}
-    assert set(ours) == set(state_dict), (sorted(set(ours) ^ set(state_dict)))
-    for key, (path, var) in ours.items():
-        value = state_dict[key].detach().numpy()
-        if path[-1] == "kernel":
-            value = value.T
-        assert tuple(var.shape) == value.shape, (key, var.shape, value.shape)
-        var.set_value(jnp.asarray(value, var.get_value().dtype))
-    nnx.update(tower, state)
-
-
 def make_tower(hf, cfg, dtype=jnp.float32) -> AudioTower:
     tower = AudioTower(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
-    load_torch_weights(tower, hf.model.audio_tower.state_dict())
+    load_torch_weights(tower, hf.model.audio_tower)
     return tower
 
 

@@ -21,7 +21,7 @@ from transformers.vision_utils import (
 
 from omniret_jax.model.config import VisionConfig
 from omniret_jax.model.vision import VisionTower, vision_layout
-from tests.hf_tiny import tiny_hf_thinker
+from tests.hf_tiny import load_torch_weights, tiny_hf_thinker
 
 TOL = 1e-4
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -38,24 +38,6 @@ def jax_config(hf_vision) -> VisionConfig:
         out_hidden_size=c.out_hidden_size, fullatt_block_indexes=tuple(c.fullatt_block_indexes),
         rope_theta=float(c.rope_parameters["rope_theta"]),
     )
-
-
-def load_torch_weights(model: nnx.Module, torch_module: torch.nn.Module) -> None:
-    """Naming contract: nnx path joined by '.', final 'kernel' -> 'weight' (transposed)."""
-    sd = {k: v.detach().numpy() for k, v in torch_module.state_dict().items()}
-    state = nnx.state(model, nnx.Param)
-    seen = set()
-    for path, var in nnx.to_flat_state(state):
-        key = ".".join(map(str, path))
-        if key.endswith("kernel"):
-            key, value = key[: -len("kernel")] + "weight", sd[key[: -len("kernel")] + "weight"].T
-        else:
-            value = sd[key]
-        assert value.shape == var[...].shape, (key, value.shape, var[...].shape)
-        var[...] = jnp.asarray(value, var[...].dtype)
-        seen.add(key)
-    assert seen == set(sd), f"unmatched torch keys: {set(sd) ^ seen}"
-    nnx.update(model, state)
 
 
 @functools.lru_cache(maxsize=None)
