@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from omniret_jax.convert.keymap import expected_hf_shape, hf_to_flax_array, is_kernel
 from omniret_jax.model.layers import (AUDIO_EMBED, AUDIO_MLP, CONV, HEADS, LayerNorm, Linear,
                                       activation)
 
@@ -381,25 +382,21 @@ def load_weights(model: BEATs, weights: Mapping[str, np.ndarray], prefix: str = 
     sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     state = canonical_state(model.cfg, sub)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    expected = {}
-    for path, var in flat:
-        names = list(map(str, path))
-        is_kernel = names[-1] == "kernel"
-        expected[".".join(names[:-1] + ["weight"] if is_kernel else names)] = (path, var, is_kernel)
+    # The converter's leaf rule (a final ``kernel`` is torch's ``weight`` transposed).
+    expected = {".".join([*map(str, path[:-1]), "weight" if is_kernel(path) else str(path[-1])]): (path, var)
+                for path, var in flat}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"BEATs weights do not match the config: missing {missing}, unexpected "
                          f"{[prefix + k for k in unexpected]}")
     updates = []
-    for key, (path, var, is_kernel) in expected.items():
-        value = np.asarray(state[key])
-        if is_kernel:
-            value = value.T
-        if value.shape != var.shape:
-            raise ValueError(f"{prefix}{key}: checkpoint shape {tuple(np.asarray(state[key]).shape)} does "
-                             f"not fit the config (expects {var.shape[::-1] if is_kernel else var.shape})")
-        updates.append((path, var.replace(jnp.asarray(value, var.dtype))))
+    for key, (path, var) in expected.items():
+        got = np.asarray(state[key])
+        want = expected_hf_shape(path, tuple(var.shape))
+        if got.shape != want:
+            raise ValueError(f"{prefix}{key}: checkpoint shape {got.shape} does not fit the config (expects {want})")
+        updates.append((path, var.replace(jnp.asarray(hf_to_flax_array(path, got), var.dtype))))
     nnx.update(model, nnx.from_flat_state(updates))
 
 
