@@ -83,7 +83,7 @@ def main() -> int:
     shutil.rmtree(dst, ignore_errors=True)
 
     from omniret_jax.convert.tensors import TensorSource
-    from omniret_jax.model.config import dtype_from_name
+    from omniret_jax.config import dtype_from_name
     import numpy as np
 
     source = TensorSource(src)

@@ -11,9 +11,9 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         beats_checkpoint="",        # unilm BEATs .pt when the checkpoint has no beats.* tensors
         init_missing_heads=False,   # True when starting from a plain Qwen2.5-Omni thinker
         tokenizer="",               # defaults to the checkpoint directory
-        dtype="float32",            # activations
-        param_dtype="float32",      # trainable parameters
-        frozen_dtype="float32",     # frozen base weights (bfloat16 halves their memory)
+        # The precision policy: activations, trained parameters (LoRA, fusion head, BEATs
+        # adaptor), frozen weights (backbone, towers, BEATs: bfloat16 halves their memory).
+        precision=ml_collections.ConfigDict(dict(compute="float32", trainable="float32", frozen="float32")),
         remat="none",               # per decoder layer: "none" | "full" (recompute) | "dots" (keep matmuls)
         seed=0,
     ))

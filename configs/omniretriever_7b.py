@@ -14,9 +14,7 @@ from configs import common
 
 def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     c = common.base_config(preset)
-    c.model.dtype = "bfloat16"
-    c.model.frozen_dtype = "bfloat16"
-    c.model.param_dtype = "float32"
+    c.model.precision.update(compute="bfloat16", trainable="float32", frozen="bfloat16")
     c.model.remat = "full"
     c.data.num_workers = 16
     # Real joint rows are ~560 tokens (8 frames at 224 px + 8 s of doubled audio + caption);

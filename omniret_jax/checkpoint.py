@@ -208,9 +208,6 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def should_save(self, step: int) -> bool:
         return step % self.save_every == 0 or self._stop_agreed
 
@@ -391,10 +388,6 @@ class TrainCheckpointer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
-
-    def request_stop(self) -> None:
-        """Same as receiving the signal (time limits, tests)."""
-        self._stop_signal = signal.SIGTERM
 
     def should_stop(self) -> bool:
         """True once a stop was requested on any process. With several processes this is a

@@ -15,6 +15,8 @@ import operator
 import jax
 import jax.numpy as jnp
 
+from omniret_jax.config import ViewPlan
+
 MODALITIES = ("T", "V", "A")
 TERMS = ("L_A", "L_D", "L_T")
 # The paper's ablation stair-step (Table 5 / S11); "frozen" evaluates the untrained backbone.
@@ -27,7 +29,6 @@ PRESETS = {
 RECIPES = ("paper", "released")
 TUPLE_SIMILARITIES = ("joint", "cross_modal_mean")
 NEGATIVE_POOLS = ("own", "batch")
-_SLOTS = ("text", "audio", "video")
 _PAPER_PAIRS = (("T", "V"), ("T", "A"), ("V", "A"))
 _RELEASED_PAIRS = (("T", "A"), ("T", "V"), ("A", "V"))
 
@@ -91,12 +92,21 @@ class LossConfig:
         return "own" if self.recipe == "paper" else "batch"
 
 
-def hard_negative_slot(step) -> str:
-    """The slot the step's hard negative shuffles: text, audio, video, text, ... (period 3)."""
-    step = operator.index(step)
-    if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
-    return _SLOTS[step % 3]
+def needed_views(cfg: LossConfig) -> ViewPlan:
+    """The embeddings the active terms read: anchor paths, augmented-view paths, hard negative."""
+    anchor: list[str] = []
+    if {"L_A", "L_D"} & set(cfg.terms):
+        anchor += ["T", "V", "A"]
+    if "L_D" in cfg.terms or ("L_T" in cfg.terms and cfg.tuple_similarity == "joint"):
+        anchor += ["TVA"]
+    aug: tuple[str, ...] = ()
+    if "L_T" in cfg.terms:
+        if cfg.tuple_similarity == "joint":
+            aug = ("TVA",)
+        else:
+            anchor += ["T", "V", "A"]
+            aug = ("T", "V", "A")
+    return ViewPlan(tuple(dict.fromkeys(anchor)), aug, "L_T" in cfg.terms)
 
 
 def released_pair(step) -> tuple[str, str]:
@@ -105,27 +115,6 @@ def released_pair(step) -> tuple[str, str]:
     if step < 0:
         raise ValueError(f"step={step} must be >= 0")
     return _RELEASED_PAIRS[step % 3]
-
-
-def derangement(key: jax.Array, n: int) -> jax.Array:
-    """A uniformly random permutation of range(n) with no fixed point, int32 [n].
-
-    Rejection sampling of uniform permutations is exactly uniform over derangements and needs
-    e ~ 2.72 draws on average; n is static.
-    """
-    n = operator.index(n)
-    if n < 2:
-        raise ValueError(f"batch too small for a derangement: n={n} (need n >= 2)")
-    identity = jnp.arange(n, dtype=jnp.int32)
-
-    def has_fixed_point(state):
-        return jnp.any(state[1] == identity)
-
-    def redraw(state):
-        key, sub = jax.random.split(state[0])
-        return key, jax.random.permutation(sub, n).astype(jnp.int32)
-
-    return jax.lax.while_loop(has_fixed_point, redraw, (key, identity))[1]
 
 
 def _nce_from_sims(s_xy, s_xn, s_yn, temperature):

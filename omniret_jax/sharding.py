@@ -25,16 +25,14 @@ from omniret_jax.model import layers as L
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Activation names (not used by parameters, only by batch/activation specs).
+# The batch dimension of every input (not a parameter axis).
 BATCH = "batch"
-LENGTH = "length"
 
 MeshAxes = Union[str, tuple[str, ...], None]
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 LOGICAL_RULES: Rules = (
     (BATCH, ("data", "fsdp")),
-    (LENGTH, None),
     (L.EMBED, "fsdp"),
     (L.MLP, "tensor"),
     (L.HEADS, "tensor"),
@@ -105,20 +103,6 @@ def make_mesh(cfg: MeshConfig, devices: Iterable[Any] | None = None) -> Mesh:
 
 
 # -- rules -----------------------------------------------------------------------------
-def merge_rules(overrides: Iterable[tuple[str, MeshAxes]] = (), base: Rules = LOGICAL_RULES) -> Rules:
-    """``base`` with entries replaced by ``overrides`` (config-supplied (name, axes) pairs).
-
-    Only names present in ``base`` may be overridden: a misspelt name would otherwise
-    be a rule that never applies.
-    """
-    table = dict(_normalise_rules(base))
-    for name, axes in _normalise_rules(overrides):
-        if name not in table:
-            raise ValueError(f"sharding rule override for unknown logical axis {name!r}; known: {sorted(table)}")
-        table[name] = axes
-    return tuple(table.items())
-
-
 def _normalise_rules(rules: Iterable[tuple[str, MeshAxes]] | Mapping[str, MeshAxes]) -> Rules:
     items = rules.items() if isinstance(rules, Mapping) else rules
     out = []
@@ -142,7 +126,7 @@ def _rule_table(rules, mesh: Mesh) -> dict[str, tuple[str, ...]]:
             raise ValueError(f"sharding rule {name!r} -> {axes} names mesh axes {unknown} not in the mesh "
                              f"{tuple(mesh.shape)}")
         if name in table:
-            raise ValueError(f"sharding rules name logical axis {name!r} twice (use merge_rules to override)")
+            raise ValueError(f"sharding rules name logical axis {name!r} twice")
         table[name] = axes
     return table
 
@@ -166,9 +150,8 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _resolve(names, shape, table, mesh: Mesh, path: str, fallbacks: list[Fallback],
-             kind: str = "parameter") -> PartitionSpec:
-    """PartitionSpec for logical ``names``; with ``shape``, non-dividing dimensions are replicated."""
+def _resolve(names, shape, table, mesh: Mesh, path: str, fallbacks: list[Fallback]) -> PartitionSpec:
+    """PartitionSpec for logical ``names``; dimensions their mesh axes do not divide are replicated."""
     used: set[str] = set()
     entries = []
     for dim, name in enumerate(names):
@@ -176,7 +159,7 @@ def _resolve(names, shape, table, mesh: Mesh, path: str, fallbacks: list[Fallbac
             entries.append(None)
             continue
         if name not in table:
-            raise ValueError(f"{kind} {path}: unknown logical axis name {name!r}; known: {sorted(table)}")
+            raise ValueError(f"parameter {path}: unknown logical axis name {name!r}; known: {sorted(table)}")
         # A mesh axis may appear once per spec: axes an earlier dimension already
         # splits over are dropped here (the array is split over them anyway).
         mesh_axes = tuple(a for a in table[name] if a not in used)
@@ -184,19 +167,13 @@ def _resolve(names, shape, table, mesh: Mesh, path: str, fallbacks: list[Fallbac
             entries.append(None)
             continue
         n = math.prod(mesh.shape[a] for a in mesh_axes)
-        if shape is not None and shape[dim] % n:
+        if shape[dim] % n:
             fallbacks.append(Fallback(path, dim, name, shape[dim], mesh_axes, n))
             entries.append(None)
         else:
             used.update(mesh_axes)
             entries.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*entries)
-
-
-def logical_spec(names: tuple[str | None, ...], mesh: Mesh, rules=None) -> PartitionSpec:
-    """PartitionSpec for an activation named by logical axes, e.g. ("batch", "length", "embed")."""
-    return _resolve(tuple(names), None, _rule_table(rules, mesh), mesh, str(tuple(names)), [],
-                    kind="activation")
 
 
 def _specs(state, mesh: Mesh, rules) -> tuple[Any, list[Fallback]]:
@@ -278,7 +255,7 @@ def shard_batch(batch, mesh: Mesh, *, batch_axis: int = 0, rules=None):
     """Host arrays of this process's share of the batch -> global arrays sharded like ``batch_sharding``.
 
     Every leaf has its batch at ``batch_axis``.
-    Multi-host: each process passes its own rows (see ``process_slice``); the global
+    Multi-host: each process passes its own rows; the global
     batch is the local one times (batch shards in the mesh / batch shards held here).
     """
     axes = _batch_axes(mesh, rules)
@@ -328,13 +305,3 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return True
-
-
-class ProcessSlice(NamedTuple):
-    index: int
-    count: int
-
-
-def process_slice() -> ProcessSlice:
-    """This process's index and the process count, for sharding the input pipeline."""
-    return ProcessSlice(jax.process_index(), jax.process_count())

@@ -1,10 +1,10 @@
 """The pure train step: embeddings of every view, the three losses, one AdamW update.
 
-The model is split once outside jit into (graphdef, trainable, rng, frozen); the
-step merges them inside and differentiates only ``trainable`` (LoRA first, plus
-the WAVE heads). Towers run once per view and every LLM pass reuses them; the
-hard-negative tuple reuses the anchor's towers with rows permuted by a
-derangement chosen on the host, so its token layout matches the swapped clip.
+The model is split once outside jit into (graphdef, trainable, frozen); the step merges
+them inside and differentiates only ``trainable`` (LoRA first, plus the WAVE heads).
+Towers run once per view and every LLM pass reuses them; the hard-negative tuple reuses
+the anchor's towers with rows permuted by the derangement ``omniret_jax.data.batch``
+drew on the host, so its token layout matches the swapped clip.
 """
 
 from __future__ import annotations
@@ -13,84 +13,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from omniret_jax.losses import LossConfig, compute_losses, derangement, hard_negative_slot
-from omniret_jax.model.embedder import (EmbedConfig, EmbedInputs, PathInputs, Tokens, embed_path, encode_media,
-                                        prepare)
-from omniret_jax.model.thinker import AUDIO, VIDEO, MediaFeatures
+from omniret_jax.config import EmbedConfig
+from omniret_jax.inputs import AUDIO, VIDEO, TrainInputs
+from omniret_jax.losses import LossConfig, compute_losses
+from omniret_jax.model.embedder import embed_path, encode_media
+from omniret_jax.model.thinker import MediaFeatures
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainInputs:
-    anchor: EmbedInputs
-    aug: EmbedInputs | None = None
-    neg: PathInputs | None = None     # TVA layout of the hard-negative tuple
-    neg_rows: jax.Array | None = None  # [B, 3]: text / video / audio source row of each negative
-
-
-# ----------------------------------------------------------------------------- host side
-
-def needed_paths(loss_cfg: LossConfig) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-    """(anchor paths, augmented-view paths, needs the hard negative) for the active terms."""
-    anchor: list[str] = []
-    if {"L_A", "L_D"} & set(loss_cfg.terms):
-        anchor += ["T", "V", "A"]
-    if "L_D" in loss_cfg.terms or ("L_T" in loss_cfg.terms and loss_cfg.tuple_similarity == "joint"):
-        anchor += ["TVA"]
-    aug: tuple[str, ...] = ()
-    if "L_T" in loss_cfg.terms:
-        if loss_cfg.tuple_similarity == "joint":
-            aug = ("TVA",)
-        else:
-            anchor += ["T", "V", "A"]
-            aug = ("T", "V", "A")
-    return tuple(dict.fromkeys(anchor)), aug, "L_T" in loss_cfg.terms
-
-
-def negative_rows(step: int, batch_size: int, seed: int) -> np.ndarray:
-    """[3, B] rows (text, video, audio) of each sample's hard-negative tuple.
-
-    The step's slot (text, audio, video cycling) is shuffled by a derangement,
-    the other slots stay the sample's own.
-    """
-    if batch_size < 2:
-        raise ValueError(f"batch of {batch_size} is too small for a derangement (hard negatives need >= 2)")
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    perm = np.asarray(derangement(key, batch_size))
-    rows = np.tile(np.arange(batch_size), (3, 1))
-    rows[{"text": 0, "video": 1, "audio": 2}[hard_negative_slot(step)]] = perm
-    return rows
-
-
-def build_inputs(batch: dict, step: int, model_cfg, tokens: Tokens, ecfg: EmbedConfig,
-                 loss_cfg: LossConfig, *, seed: int) -> TrainInputs:
-    """Host-side arrays of one step from a pipeline batch (with ``batch['aug']`` when L_T is on)."""
-    anchor_paths, aug_paths, with_neg = needed_paths(loss_cfg)
-    out = TrainInputs(anchor=prepare(batch, anchor_paths, model_cfg, tokens, ecfg))
-    if aug_paths:
-        if "aug" not in batch:
-            raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
-        out.aug = prepare(batch["aug"], aug_paths, model_cfg, tokens, ecfg)
-    if with_neg:
-        b = len(batch["caption"])
-        rows = negative_rows(step, b, seed)
-        t, v, a = rows
-        swapped = dict(batch)
-        swapped["caption"] = [batch["caption"][i] for i in t]
-        for key in ("video_patches", "video_grid_thw", "video_second_per_grid"):
-            swapped[key] = np.asarray(batch[key])[v]
-        for key in ("mel", "mel_len", "fbank", "fbank_len"):
-            swapped[key] = np.asarray(batch[key])[a]
-        out.neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
-        out.neg_rows = rows.T.astype(np.int32)
-    return out
-
-
-# ----------------------------------------------------------------------------- device side
 
 def _rows(f: MediaFeatures, rows: jax.Array) -> MediaFeatures:
     return MediaFeatures(jnp.take(f.features, rows, axis=0), jnp.take(f.valid, rows, axis=0))

@@ -1,9 +1,9 @@
 """``python -m omniret_jax.train --config configs/<x>.py --workdir DIR [--config.<key>=<value>]``.
 
-One readable loop: build (or load) the WAVE model, attach LoRA, split once into
-trainable / frozen state, shard both over the mesh, then step: host-side token
-layout -> jitted pure step -> metrics (progress bar, JSONL, TensorBoard) ->
-checkpoint. Resumes from the newest good checkpoint in the workdir; SIGTERM
+One readable loop: the model factory (``omniret_jax.build``) builds or loads the WAVE
+model with LoRA, split once into trainable / frozen state placed on the mesh; then
+step: host-side token layout -> jitted pure step -> metrics (progress bar, JSONL,
+TensorBoard) -> checkpoint. Resumes from the newest good checkpoint in the workdir; SIGTERM
 saves and exits 0.
 """
 
@@ -17,111 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from omniret_jax import sharding
-from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
+from omniret_jax import build, sharding
+from omniret_jax.build import define_config_flag
+from omniret_jax.checkpoint import TrainCheckpointer
+from omniret_jax.data.batch import build_inputs
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
-from omniret_jax.losses import LossConfig
-from omniret_jax.model.beats import BEATsConfig
-from omniret_jax.model.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig, dtype_from_name
-from omniret_jax.model.embedder import EmbedConfig, Tokens
-from omniret_jax.model.lora import LoRAConfig, apply_lora, trainable_filter
-from omniret_jax.model.text import remat_name
-from omniret_jax.model.wave import WAVE
-from omniret_jax.step import StepConfig, build_inputs, make_optimizer, train_step
+from omniret_jax.losses import needed_views
+from omniret_jax.model.lora import trainable_filter
+from omniret_jax.step import StepConfig, make_optimizer, train_step
 
-
-
-def define_config_flag() -> None:
-    """``--config`` (a configs/*.py file, optionally ``:preset``) with ``--config.<key>=<value>`` overrides."""
-    if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :preset)")
-
-# Special token ids of the random-init tiny model (its vocabulary is bytes + these).
-TINY_IDS = dict(audio_token_id=300, image_token_id=301, video_token_id=302, audio_start_token_id=303,
-                audio_end_token_id=304, vision_start_token_id=305, vision_end_token_id=306)
-TINY_IM_END, TINY_PAD = 307, 0
-
-
-def byte_tokens() -> Tokens:
-    """Tokenizer of the tiny model: UTF-8 bytes shifted by one (0 is padding)."""
-    return Tokens(encode=lambda s: [b + 1 for b in s.encode()], im_end_id=TINY_IM_END, pad_id=TINY_PAD)
-
-
-def tiny_model(c, rngs: nnx.Rngs) -> WAVE:
-    t = c.model.tiny
-    cfg = ThinkerConfig(
-        text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                        num_key_value_heads=t.num_key_value_heads, mrope_section=tuple(t.mrope_section)),
-        vision=VisionConfig(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
-                            intermediate_size=t.vision_intermediate_size, num_heads=t.vision_num_heads,
-                            out_hidden_size=t.hidden_size,
-                            fullatt_block_indexes=tuple(t.vision_fullatt_block_indexes)),
-        audio=AudioConfig(encoder_layers=t.audio_layers, d_model=t.audio_d_model, encoder_attention_heads=t.audio_heads,
-                          encoder_ffn_dim=t.audio_ffn, output_dim=t.hidden_size),
-        dtype=dtype_from_name(c.model.dtype), param_dtype=dtype_from_name(c.model.param_dtype), **TINY_IDS)
-    beats = BEATsConfig(encoder_layers=t.beats_layers, encoder_embed_dim=t.beats_dim,
-                        encoder_attention_heads=t.beats_heads, encoder_ffn_embed_dim=t.beats_ffn,
-                        embed_dim=t.beats_patch_dim, conv_pos=t.beats_conv_pos,
-                        conv_pos_groups=t.beats_conv_pos_groups, num_buckets=t.beats_buckets,
-                        max_distance=t.beats_max_distance)
-    return WAVE(cfg, beats, rngs=rngs, remat=c.model.remat)
-
-
-def build_model(c) -> tuple[WAVE, Tokens]:
-    if c.model.init == "random":
-        return tiny_model(c, nnx.Rngs(params=c.model.seed)), byte_tokens()
-    if c.model.init != "checkpoint":
-        raise ValueError(f"config.model.init={c.model.init!r}: expected 'checkpoint' or 'random'")
-    if not c.model.checkpoint:
-        raise ValueError("config.model.checkpoint is empty: point it at a WAVE-7B (or Qwen2.5-Omni) directory")
-    from omniret_jax.convert.to_flax import load_wave
-
-    model, _ = load_wave(c.model.checkpoint, beats_checkpoint=c.model.beats_checkpoint or None,
-                         dtype=c.model.dtype, param_dtype=c.model.param_dtype,
-                         init_missing_heads=c.model.init_missing_heads, seed=c.model.seed)
-    model.language_model.remat = remat_name(c.model.remat)
-    return model, Tokens.from_pretrained(c.model.tokenizer or c.model.checkpoint)
-
-
-def lora_config(c) -> LoRAConfig:
-    return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout)
-
-
-def restore_trained(c, checkpoint_dir: str | Path, step: int | None = None) -> tuple[WAVE, Tokens, int]:
-    """The config's model in eval mode with LoRA attached and the trainables (adapters + heads)
-    of a training checkpoint directory (``<workdir>/checkpoints``) restored; ``step`` None takes
-    the newest. Frozen weights come from the config: the checkpoint holds only what training
-    changed. Returns (model, tokens, restored step)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
-    model, tokens = build_model(c)
-    lora = lora_config(c)
-    apply_lora(model, lora, nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2))
-    model.eval()
-    _, trainable, _ = nnx.split(model, trainable_filter(lora), ...)
-    ckpt = TrainCheckpointer(checkpoint_dir, keep=c.train.keep, save_every=c.train.ckpt_every)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint step in {checkpoint_dir}")
-        restored = ckpt.restore(steps[-1] if step is None else step, trainable)
-    finally:
-        ckpt.close()
-    nnx.update(model, restored.trainables)
-    saved, given = restored.config, json.loads(json.dumps(c.to_dict()))
-    drift = [f"{section}.{k}" for section in ("model", "lora") for k in sorted(given.get(section, {}))
-             if k in saved.get(section, {}) and saved[section][k] != given[section][k]]
-    if drift:
-        logging.warning("config differs from the one step %d was trained with: %s", restored.step,
-                        ", ".join(drift))
-    return model, tokens, restored.step
 
 
 def build_pipeline(c, workdir: Path, *, augment: bool) -> DataPipeline:
@@ -140,17 +47,6 @@ def build_pipeline(c, workdir: Path, *, augment: bool) -> DataPipeline:
         audio_mode=c.data.audio_mode, on_missing_audio=c.data.on_missing_audio,
         max_caption_chars=c.data.max_caption_chars, augment=augment, num_workers=c.data.num_workers)
     return DataPipeline(str(manifest), pcfg, process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def loss_config(c) -> LossConfig:
-    return LossConfig.from_preset(
-        c.loss.preset, recipe=c.loss.recipe, l_A=c.loss.l_A, l_D=c.loss.l_D, l_T=c.loss.l_T,
-        temperature=c.loss.temperature, tuple_similarity=c.loss.tuple_similarity,
-        hard_negative_pool=c.loss.hard_negative_pool or None)
-
-
-def embed_config(c) -> EmbedConfig:
-    return EmbedConfig(**c.embed.to_dict())
 
 
 class MetricsWriter:
@@ -184,37 +80,29 @@ def train(c, workdir: Path) -> dict[str, float]:
     sharding.initialize_distributed(dc.coordinator_address or None, dc.num_processes or None,
                                     None if dc.process_id < 0 else dc.process_id)
     workdir.mkdir(parents=True, exist_ok=True)
-    lcfg, ecfg = loss_config(c), embed_config(c)
+    lcfg, ecfg = build.loss_config(c), build.embed_config(c)
+    plan = needed_views(lcfg)
     if not lcfg.terms:
         raise ValueError(f"preset {c.loss.preset!r} has no loss terms: evaluate the backbone with "
                          "omniret_jax.eval instead of training it")
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh.to_dict()))
     sharding.batch_sharding(mesh, c.train.batch_size)  # fails early if the batch does not divide
 
-    model, tokens = build_model(c)
-    lora = lora_config(c)
-    apply_lora(model, lora, nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2))
-    model.train()  # adapter dropout on
-    wrt = trainable_filter(lora)
-    graphdef, trainable, frozen = nnx.split(model, wrt, ...)
-    frozen_dtype = dtype_from_name(c.model.frozen_dtype)
-    frozen = jax.tree.map(lambda x: x.astype(frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
-    for fb in sharding.sharding_fallbacks(trainable, mesh) + sharding.sharding_fallbacks(frozen, mesh):
-        print(f"sharding: {fb}")
-    trainable, frozen = sharding.shard_state(trainable, mesh), sharding.shard_state(frozen, mesh)
+    state = build.build_state(c, mesh, train=True, verbose=True)  # adapter dropout on
+    graphdef, trainable, frozen, tokens = state.graphdef, state.trainable, state.frozen, state.tokens
+    wrt = trainable_filter(state.lora)
 
     tx = make_optimizer(lr=c.optim.lr, total_steps=c.train.steps, warmup_ratio=c.optim.warmup_ratio,
                         weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
                         accumulate=c.optim.accumulate)
-    param_sh = sharding.state_shardings(trainable, mesh)
+    param_sh, frozen_sh = state.trainable_shardings, state.frozen_shardings
     replicated = NamedSharding(mesh, PartitionSpec())
     # Moments follow their parameters (the axes metadata travels with them); counters are
     # replicated on the mesh, as the step returns them (else step 2 would compile again).
     opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, trainable), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-    frozen_sh = sharding.state_shardings(frozen, mesh)
 
-    pipeline = build_pipeline(c, workdir, augment="L_T" in lcfg.terms)
+    pipeline = build_pipeline(c, workdir, augment=bool(plan.aug))
     ckpt = TrainCheckpointer(workdir / "checkpoints", keep=c.train.keep, save_every=c.train.ckpt_every,
                              config=c.to_dict())
     ckpt.install_sigterm_handler()
@@ -243,7 +131,7 @@ def train(c, workdir: Path) -> dict[str, float]:
         for step in range(start, c.train.steps):
             t0 = time.perf_counter()
             batch = next(pipeline)
-            host = build_inputs(batch, step, model.cfg, tokens, ecfg, lcfg, seed=c.train.seed)
+            host = build_inputs(batch, step, state.cfg, tokens, ecfg, plan, seed=c.train.seed)
             inputs = sharding.shard_batch(host, mesh)  # every input leaf is batch-first
             in_sh = jax.tree.map(lambda x: x.sharding, inputs)
             if jitted is None:

@@ -15,8 +15,9 @@ import pytest
 import torch
 from flax import nnx
 
-from omniret_jax.model.audio import AudioTower, audio_output_lengths, sinusoid_positions
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.data.layout import audio_output_lengths
+from omniret_jax.model.audio import AudioTower, sinusoid_positions
+from omniret_jax.config import ThinkerConfig
 from tests.hf_tiny import load_torch_weights, tiny_hf_thinker
 
 TOL = 1e-4

@@ -23,8 +23,11 @@ import pytest
 import torch
 from flax import nnx
 
-from omniret_jax.model.beats import (BEATs, BEATsConfig, canonical_state, load_unilm_checkpoint,
-                                     load_weights, relative_position_buckets, tied_keys)
+from omniret_jax.config import BEATsConfig, Precision
+from omniret_jax.convert.beats import canonical_state, load_unilm_checkpoint, tied_keys
+from omniret_jax.convert.tensors import CheckpointError
+from omniret_jax.convert.to_flax import load_beats
+from omniret_jax.model.beats import BEATs, relative_position_buckets
 from tests.torchaudio_stub import import_beats_encoder
 
 ref = import_beats_encoder()
@@ -88,9 +91,7 @@ def run_reference(model, fbank: np.ndarray, padding_mask: np.ndarray | None = No
 
 
 def build(cfg: dict, weights, dtype=jnp.float32) -> BEATs:
-    model = BEATs(BEATsConfig.from_unilm_dict(cfg), rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-    load_weights(model, weights)
-    return model
+    return load_beats(BEATsConfig.from_unilm_dict(cfg), weights, precision=Precision(compute=dtype, frozen=dtype))
 
 
 @nnx.jit
@@ -230,8 +231,7 @@ def test_checkpoint_file_and_weight_norm_variants(tiny, tmp_path):
     torch.save({"cfg": cfg, "model": state}, path)
     loaded_cfg, loaded = load_unilm_checkpoint(path)
     assert loaded_cfg == BEATsConfig.from_unilm_dict(cfg) and set(loaded) == set(state)
-    model = BEATs(loaded_cfg, rngs=nnx.Rngs(1))
-    load_weights(model, loaded)
+    model = load_beats(loaded_cfg, loaded)
     err = float(np.max(np.abs(np.asarray(forward(model, jnp.asarray(fb), pm)[0]) - want)))
     print(f".pt round trip: max abs err {err:.3e}")
     assert err <= TOL
@@ -248,9 +248,8 @@ def test_checkpoint_file_and_weight_norm_variants(tiny, tmp_path):
     }
     base = {k: w for k, w in weights.items() if not k.startswith(pc + "weight")}
     for name, extra in variants.items():
-        model = BEATs(BEATsConfig.from_unilm_dict(TINY), rngs=nnx.Rngs(2))
-        load_weights(model, {"beats." + k: w for k, w in {**base, **extra}.items()} | {"other.x": 0},
-                     prefix="beats.")
+        model = load_beats(BEATsConfig.from_unilm_dict(TINY),
+                           {"beats." + k: w for k, w in {**base, **extra}.items()} | {"other.x": 0}, prefix="beats.")
         err = float(np.max(np.abs(np.asarray(forward(model, jnp.asarray(fb), pm)[0]) - want)))
         print(f"pos conv as {name}: max abs err {err:.3e}")
         assert err <= TOL
@@ -273,14 +272,15 @@ def test_config_errors():
 
 def test_weight_and_input_errors(tiny, tmp_path):
     weights = tiny[1]
-    model = BEATs(BEATsConfig.from_unilm_dict(TINY), rngs=nnx.Rngs(0))
+    cfg = BEATsConfig.from_unilm_dict(TINY)
+    model = BEATs(cfg, rngs=nnx.Rngs(0))
     bad = dict(weights, **{"encoder.layers.1.fc1.weight": np.zeros((128, 32), np.float32)})
-    with pytest.raises(ValueError, match=r"encoder.layers.1.fc1.weight: checkpoint shape \(128, 32\)"):
-        load_weights(model, bad)
-    with pytest.raises(ValueError, match=r"missing \['encoder.layer_norm.bias'\]"):
-        load_weights(model, {k: v for k, v in weights.items() if k != "encoder.layer_norm.bias"})
-    with pytest.raises(ValueError, match=r"unexpected \['predictor.weight'\]"):
-        load_weights(model, dict(weights, **{"predictor.weight": np.zeros((527, 64), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"'encoder.layers.1.fc1.weight': checkpoint shape \(128, 32\)"):
+        load_beats(cfg, bad)
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): encoder.layer_norm.bias"):
+        load_beats(cfg, {k: v for k, v in weights.items() if k != "encoder.layer_norm.bias"})
+    with pytest.raises(CheckpointError, match=r"1 unknown key\(s\): predictor.weight"):
+        load_beats(cfg, dict(weights, **{"predictor.weight": np.zeros((527, 64), np.float32)}))
     key = "encoder.layers.1.self_attn.relative_attention_bias.weight"
     with pytest.raises(ValueError, match=f"{key} differs"):
         canonical_state(model.cfg, dict(weights, **{key: weights[key] + 1.0}))

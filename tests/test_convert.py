@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -14,10 +15,10 @@ from safetensors.torch import save_file
 
 from omniret_jax.convert import cli
 from omniret_jax.convert.keymap import detect_layout, flax_to_hf_array, flax_to_hf_key
-from omniret_jax.convert.orbax_io import read_config, restore_module
+from omniret_jax.convert.orbax_io import restore_module
 from omniret_jax.convert.tensors import CheckpointError, TensorSource
 from omniret_jax.convert.to_flax import load_thinker
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.config import Precision, ThinkerConfig
 from omniret_jax.model.thinker import Thinker
 from tests.hf_tiny import tiny_hf_thinker
 
@@ -110,14 +111,14 @@ def test_sharded_checkpoint_with_index(hf_model, saved, tmp_path):
 def test_bfloat16_checkpoint_and_param_dtype(hf_model, saved, tmp_path):
     sd = {k: v.to(torch.bfloat16) for k, v in hf_model.state_dict().items()}
     src = _write(tmp_path / "bf16", sd, saved)
-    model, _ = load_thinker(src, param_dtype="bfloat16", progress=False)
+    model, _ = load_thinker(src, precision=Precision(frozen=jnp.bfloat16), progress=False)
     flat = _flat(model)
     assert all(v.dtype == ml_dtypes.bfloat16 for v in flat.values())
     ref = sd["model.language_model.layers.0.self_attn.q_proj.weight"].float().numpy()
     got = flat["model.language_model.layers.0.self_attn.q_proj.weight"].astype(np.float32)
     np.testing.assert_array_equal(got, ref)
     # float32 parameters from a bf16 file are the exact upcast.
-    model32, _ = load_thinker(src, param_dtype="float32", progress=False)
+    model32, _ = load_thinker(src, precision=Precision(), progress=False)
     got32 = _flat(model32)["model.language_model.embed_tokens.weight"]
     np.testing.assert_array_equal(got32, sd["model.language_model.embed_tokens.weight"].float().numpy())
 
@@ -171,7 +172,7 @@ def test_truncated_safetensors_is_reported(saved, tmp_path):
 def test_cli_writes_orbax_checkpoint_that_restores_exactly(saved, tmp_path):
     out = tmp_path / "flax"
     assert cli.main(["--src", str(saved), "--out", str(out), "--param-dtype", "float32"]) == 0
-    cfg = ThinkerConfig.from_hf_dict(read_config(out))
+    cfg = ThinkerConfig.from_hf_dict(json.loads((out / "config.json").read_text()))
     restored = restore_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), out)
     ref, _ = load_thinker(saved, progress=False)
     a, b = _flat(restored), _flat(ref)

@@ -24,10 +24,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flax import nnx
+
+from omniret_jax.config import PATHS, EmbedConfig, Precision
 from omniret_jax.convert.tensors import CheckpointError
 from omniret_jax.convert.to_flax import load_wave
+from omniret_jax.data.batch import prepare
+from omniret_jax.data.tokens import Tokens
 from omniret_jax.model import embedder as E
-from omniret_jax.model.embedder import PATHS, EmbedConfig, Tokens, embed, prepare
 from tests.hf_tiny import (AUDIO_BOS, AUDIO_EOS, AUDIO_ID, IM_END, VIDEO_ID, VISION_BOS, VISION_EOS,
                            tiny_hf_thinker)
 from tests.test_beats import TINY as BEATS_TINY
@@ -45,6 +49,7 @@ def encode(s: str) -> list[int]:
 
 
 TOKENS = Tokens(encode=encode, im_end_id=IM_END, pad_id=0)
+embed = nnx.jit(E.embed_paths, static_argnames=("ecfg",))
 
 
 class TorchWave(torch.nn.Module):
@@ -172,7 +177,7 @@ def test_seven_paths_match_reference(setup):
 
 def test_bfloat16_paths_stay_close(setup):
     ref, path = setup
-    model, _ = load_wave(path, dtype="bfloat16", param_dtype="float32", progress=False)
+    model, _ = load_wave(path, precision=Precision.from_names(compute="bfloat16"), progress=False)
     batch, samples = make_batch(np.random.default_rng(0))
     ours = embed(model, prepare(batch, PATHS, model.cfg, TOKENS, ECFG), ECFG)
     cos = {}

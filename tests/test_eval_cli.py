@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import tiny
+from omniret_jax.build import load_config
 from omniret_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from omniret_jax.data.synth import SynthSettings, generate
 from omniret_jax.eval import retrieval
@@ -24,7 +24,7 @@ N_CLIPS, STEPS, PRESET = 10, 2, "pairwise"
 
 
 def _config(manifest):
-    c = tiny.get_config(PRESET)
+    c = load_config(f"{ROOT}/configs/tiny.py:{PRESET}")
     c.data.manifest = str(manifest)
     return c
 
@@ -41,7 +41,7 @@ def _run(module, *args, devices=None):
 def run(tmp_path_factory):
     """A synthetic corpus, a 2-step training workdir and one CLI evaluation of it."""
     base = tmp_path_factory.mktemp("eval_cli")
-    s = tiny.get_config(PRESET).data
+    s = load_config(f"{ROOT}/configs/tiny.py:{PRESET}").data
     generate(str(base / "corpus"), N_CLIPS, seed=3, settings=SynthSettings(seconds=s.synth_seconds, size=s.synth_size),
              progress=False)
     manifest = base / "corpus" / "manifest.jsonl"
@@ -62,7 +62,8 @@ def run(tmp_path_factory):
 def test_cli_results(run):
     res = json.loads((run["out"] / "results.json").read_text())
     assert list(res["directions"]) == list(retrieval.DIRECTIONS)
-    assert res["step"] == STEPS and res["gallery"] == N_CLIPS and res["dim"] == tiny.get_config().model.tiny.hidden_size
+    dim = load_config(f"{ROOT}/configs/tiny.py").model.tiny.hidden_size
+    assert res["step"] == STEPS and res["gallery"] == N_CLIPS and res["dim"] == dim
     for d, m in res["directions"].items():
         assert m["queries"] == m["gallery"] == N_CLIPS, d
         for k in ("R@1", "R@5", "R@10", "NDCG@10", "MRR"):

@@ -32,7 +32,7 @@ from transformers.video_processing_utils import VideoProcessorMixin
 
 from omniret_jax.data.layout import (Audio, Image, Text, Video, audio_token_count, batch_media, expand_turn,
                                      pad_batch, rope_index)
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.config import ThinkerConfig
 from tests.hf_tiny import (AUDIO_BOS, AUDIO_EOS, AUDIO_ID, IM_END, IMAGE_ID, VIDEO_ID, VISION_BOS, VISION_EOS,
                            tiny_hf_config, tiny_hf_thinker)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from flax import nnx
 
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.config import ThinkerConfig
 from omniret_jax.model.layers import EMBED, HEADS, KV_HEADS, LayerNorm, Linear
 from omniret_jax.model.lora import (
     LoRAConfig, apply_lora, iter_linears, lora_modules, merge_lora, path_str, trainable_filter,

@@ -14,14 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from omniret_jax.losses import (
-    LossConfig,
-    compute_losses,
-    derangement,
-    hard_negative_slot,
-    info_nce,
-    released_pair,
-)
+from omniret_jax.data.batch import derangement, hard_negative_slot
+from omniret_jax.losses import LossConfig, compute_losses, info_nce, released_pair
 
 B, D = 8, 32
 MODS = ("T", "V", "A")
@@ -251,7 +245,7 @@ def test_hard_negative_gets_no_gradient(sim, pool):
 
 def test_aligned_embeddings_give_zero_loss_at_low_temperature():
     z = np.eye(B, D, dtype=np.float32)  # orthonormal rows
-    perm = np.asarray(derangement(jax.random.key(0), B))
+    perm = derangement(np.random.default_rng(0), B)
     emb = {k: z for k in ALL_KEYS}
     emb["TVA_neg"] = z[perm]
     for m in MODS:
@@ -282,9 +276,9 @@ def test_bf16_inputs_match_float32(sim):
 
 @functools.lru_cache(maxsize=None)
 def derangement_draws(n, count=3600):
-    """`count` derangements of size n from independent keys (one compile per n)."""
-    keys = jax.random.split(jax.random.key(n), count)
-    return np.asarray(jax.jit(jax.vmap(lambda k: derangement(k, n)))(keys))
+    """`count` derangements of size n from one seeded generator (the host draws them with NumPy)."""
+    rng = np.random.default_rng(n)
+    return np.stack([derangement(rng, n) for _ in range(count)])
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 64])
@@ -317,7 +311,7 @@ def test_derangement_distribution(n, count):
 @pytest.mark.parametrize("n", [0, 1])
 def test_derangement_too_small(n):
     with pytest.raises(ValueError, match="batch too small for a derangement"):
-        derangement(jax.random.key(0), n)
+        derangement(np.random.default_rng(0), n)
 
 
 def test_slot_and_pair_cycles():

@@ -18,12 +18,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from omniret_jax.convert.to_flax import load_thinker
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.config import ThinkerConfig
 from omniret_jax.model.layers import EMBED, MLP
 from omniret_jax.model.thinker import Thinker
 from omniret_jax.sharding import (
-    LOGICAL_RULES, MeshConfig, batch_sharding, initialize_distributed, logical_spec, make_mesh, merge_rules,
-    param_partition_specs, process_slice, shard_batch, shard_state, sharding_fallbacks, state_shardings,
+    LOGICAL_RULES, MeshConfig, batch_sharding, initialize_distributed, make_mesh,
+    param_partition_specs, shard_batch, shard_state, sharding_fallbacks, state_shardings,
 )
 from tests.hf_tiny import tiny_hf_thinker
 
@@ -140,22 +140,24 @@ def test_tiny_fallback_reported(tiny):
     _check_specs(state, mesh, param_partition_specs(state, mesh))
 
 
+def _override(**changes):
+    return tuple((name, changes.get(name, axes)) for name, axes in LOGICAL_RULES)
+
+
 def test_rule_overrides(tiny):
     mesh = _mesh((2, 2, 2))
     state = nnx.state(tiny)
-    rules = merge_rules([("vocab", None), ("mlp", ("fsdp", "tensor"))])
+    rules = _override(vocab=None, mlp=("fsdp", "tensor"))
     flat = _flat(param_partition_specs(state, mesh, rules))
     assert flat["language_model.embed_tokens.weight"].get_value() == P(None, "fsdp")
     # gate_proj is (embed, mlp): fsdp is taken by embed, so mlp keeps only tensor.
     assert flat["language_model.layers.0.mlp.gate_proj.kernel"].get_value() == P("fsdp", "tensor")
     assert flat["language_model.layers.0.mlp.down_proj.kernel"].get_value() == P(("fsdp", "tensor"), None)
     assert dict(LOGICAL_RULES)["vocab"] == "tensor"   # defaults untouched
-    with pytest.raises(ValueError, match="'vocabulary'"):
-        merge_rules([("vocabulary", None)])
     with pytest.raises(ValueError, match="'vocab' twice"):
         param_partition_specs(state, mesh, LOGICAL_RULES + (("vocab", None),))
     with pytest.raises(ValueError, match="'model'"):
-        param_partition_specs(state, mesh, merge_rules([("mlp", "model")]))
+        param_partition_specs(state, mesh, _override(mlp="model"))
 
 
 class _Toy(nnx.Module):
@@ -289,19 +291,13 @@ def test_distributed_not_configured(monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     assert initialize_distributed() is False
     assert not jax.distributed.is_initialized()
-    assert process_slice() == (0, 1)
     with pytest.raises(ValueError, match="process_id=3"):
         initialize_distributed("localhost:1234", num_processes=2, process_id=3)
 
 
-def test_activation_spec():
+def test_batch_rule_override():
     mesh = _mesh((2, 2, 2))
-    assert logical_spec(("batch", "length", EMBED), mesh) == P(("data", "fsdp"), None, None)
-    assert logical_spec(("batch", "length", MLP), mesh) == P(("data", "fsdp"), None, "tensor")
-    rules = merge_rules([("batch", "data")])
-    assert logical_spec(("batch", None, EMBED), mesh, rules) == P("data", None, "fsdp")
+    rules = _override(batch="data")
     assert batch_sharding(mesh, 2, rules=rules).spec == P("data")
     with pytest.raises(ValueError, match=r"global batch 3 is not divisible by data = 2$"):
         shard_batch(np.zeros((3, 4)), mesh, rules=rules)
-    with pytest.raises(ValueError, match="'seq'"):
-        logical_spec(("batch", "seq"), mesh)

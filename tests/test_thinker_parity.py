@@ -17,9 +17,10 @@ from flax import nnx
 
 from omniret_jax.convert.to_flax import load_thinker
 from omniret_jax.data.layout import Audio, Image, Video, batch_media, expand_turn, pad_batch, rope_index
-from omniret_jax.model.audio import audio_output_lengths
-from omniret_jax.model.thinker import AUDIO, IMAGE, VIDEO, merge_indices
-from omniret_jax.model.vision import vision_layout
+from omniret_jax.data.batch import merge_indices
+from omniret_jax.data.layout import audio_output_lengths
+from omniret_jax.data.vision_layout import vision_layout
+from omniret_jax.inputs import AUDIO, IMAGE, VIDEO
 from tests.hf_tiny import IM_END, tiny_hf_thinker
 
 TOL = 1e-4

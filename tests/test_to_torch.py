@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-from omniret_jax.convert.keymap import LAYOUTS
+from omniret_jax.config import Precision
+from omniret_jax.convert.keymap import THINKER_LAYOUTS
 from omniret_jax.convert.peft import export_peft
 from omniret_jax.convert.to_flax import load_thinker
 from omniret_jax.convert.to_torch import export_safetensors
@@ -99,14 +100,14 @@ def _assert_same_files(src, out):
 
 
 def test_every_layout_has_a_source_builder():
-    assert sorted(LAYOUTS) == ["released", "thinker", "transformers5"]
+    assert sorted(THINKER_LAYOUTS) == ["released", "thinker", "transformers5"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", sorted(THINKER_LAYOUTS))
 def test_hf_flax_hf_round_trip_is_bit_exact(saved, tmp_path, layout, dtype):
     src = _source(layout, saved[dtype], tmp_path / "src")
-    model, report = load_thinker(src, param_dtype=dtype, progress=False)
+    model, report = load_thinker(src, precision=Precision.from_names(frozen=dtype), progress=False)
     assert report.layout == layout
     out = export_safetensors(model, tmp_path / "out", layout=layout, config_src=src)
     n = _assert_same_files(src, out)

@@ -1,7 +1,7 @@
 """The train step and the training loop on the tiny random-init WAVE (configs/tiny.py).
 
-Runs on the 8 virtual CPU devices of conftest.py; the batch is bench/train_step.py's random
-batch in DataPipeline's format, or the synthetic corpus for train().
+Runs on the 8 virtual CPU devices of conftest.py; the batch is omniret_jax.data.random_batch's
+random batch in DataPipeline's format, or the synthetic corpus for train().
 - Sharding: two jitted steps of the full preset (LoRA B non-zero, adapter dropout on; step 0
   has lr 0 under the warm-up, step 1 moves every trainable) on mesh 2x2x2 (8x1x1 and 1x4x2 in
   the slow run) equal the 1x1x1 run within 1e-5 relative: loss terms, grad norm, every
@@ -33,18 +33,19 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bench.train_step import random_batch
-from configs import tiny
-from omniret_jax import sharding
-from omniret_jax import step as step_mod
+from omniret_jax import build, sharding
 from omniret_jax import train as trainer
 from omniret_jax.checkpoint import TrainCheckpointer
+from omniret_jax.data import batch as batch_mod
+from omniret_jax.data.batch import build_inputs
+from omniret_jax.data.random_batch import random_batch
 from omniret_jax.data.synth import SynthSettings, generate
-from omniret_jax.losses import compute_losses
-from omniret_jax.model.lora import apply_lora, lora_modules, trainable_filter
-from omniret_jax.step import StepConfig, build_inputs, embeddings, make_optimizer, train_step
+from omniret_jax.losses import compute_losses, needed_views
+from omniret_jax.model.lora import lora_modules, trainable_filter
+from omniret_jax.step import StepConfig, embeddings, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.py"
 TOL = 1e-5
 B = 8
 
@@ -64,13 +65,13 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _config():
     """configs/tiny.py full preset over 4 steps (warm-up 1: lr 0 at step 0, the peak at step 1)."""
-    c = tiny.get_config("full")
-    c.train.steps = 4
-    return c
+    return build.load_config(f"{TINY}:full", {"train.steps": 4})
 
 
 @dataclasses.dataclass
 class Setup:
+    c: object
+    model: object
     graphdef: object
     trainable: object
     frozen: object
@@ -83,16 +84,12 @@ class Setup:
 
 def _lora_model(c, *, nonzero_b: bool):
     """The model exactly as train.py builds it; optionally with random LoRA B so every adapter gets gradient."""
-    model = trainer.tiny_model(c, nnx.Rngs(params=c.model.seed))
-    lora = trainer.lora_config(c)
-    apply_lora(model, lora, nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2))
+    model = build.attach_lora(build.random_model(c), c, train=True)
     if nonzero_b:
         for i, (_, linear) in enumerate(sorted(lora_modules(model).items())):
             key = jax.random.fold_in(jax.random.key(123), i)
             linear.lora_b.set_value(0.05 * jax.random.normal(key, linear.lora_b.shape))
-    model.train()
-    wrt = trainable_filter(lora)
-    return model, wrt
+    return model, trainable_filter(build.lora_config(c))
 
 
 def _optimizer(c):
@@ -105,12 +102,13 @@ def _optimizer(c):
 def setup() -> Setup:
     c = _config()
     model, wrt = _lora_model(c, nonzero_b=True)
-    graphdef, trainable, frozen = nnx.split(model, wrt, ...)
-    lcfg, ecfg = trainer.loss_config(c), trainer.embed_config(c)
-    hosts = [build_inputs(random_batch(c, B, seed=s), s, model.cfg, trainer.byte_tokens(), ecfg, lcfg,
+    graphdef, trainable, frozen = build.split_state(model, build.lora_config(c), build.precision(c))
+    lcfg, ecfg = build.loss_config(c), build.embed_config(c)
+    hosts = [build_inputs(random_batch(c, B, seed=s), s, model.cfg, build.tokens_for(c), ecfg, needed_views(lcfg),
                           seed=c.train.seed) for s in (0, 1)]
     keys = [jax.random.fold_in(jax.random.key(c.train.seed), s) for s in (0, 1)]
-    return Setup(graphdef, trainable, frozen, wrt, _optimizer(c), StepConfig(ecfg=ecfg, loss=lcfg), hosts, keys)
+    return Setup(c, model, graphdef, trainable, frozen, wrt, _optimizer(c), StepConfig(ecfg=ecfg, loss=lcfg),
+                 hosts, keys)
 
 
 @dataclasses.dataclass
@@ -134,8 +132,9 @@ class MeshRun:
 def _run_on_mesh(s: Setup, shape: tuple[int, int, int]) -> MeshRun:
     """Two steps placed and jitted the way train.py does it."""
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape), jax.devices()[:math.prod(shape)])
-    trainable, frozen = sharding.shard_state(s.trainable, mesh), sharding.shard_state(s.frozen, mesh)
-    param_sh, frozen_sh = sharding.state_shardings(trainable, mesh), sharding.state_shardings(frozen, mesh)
+    placed = build.place(s.model, s.c, mesh, tokens=build.tokens_for(s.c))
+    trainable, frozen = placed.trainable, placed.frozen
+    param_sh, frozen_sh = placed.trainable_shardings, placed.frozen_shardings
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
                        jax.jit(s.tx.init)(trainable))
@@ -249,10 +248,10 @@ def test_nonfinite_input_skips_update_bitwise(setup, runs, where):
 
 def test_batch_of_one_has_no_derangement():
     c = _config()
-    model = trainer.tiny_model(c, nnx.Rngs(params=0))
+    model = build.random_model(c)
     with pytest.raises(ValueError, match="batch of 1 is too small for a derangement"):
-        build_inputs(random_batch(c, 1, seed=0), 0, model.cfg, trainer.byte_tokens(), trainer.embed_config(c),
-                     trainer.loss_config(c), seed=0)
+        build_inputs(random_batch(c, 1, seed=0), 0, model.cfg, build.tokens_for(c), build.embed_config(c),
+                     needed_views(build.loss_config(c)), seed=0)
 
 
 # ----------------------------------------------------------------------------- train()
@@ -280,7 +279,7 @@ def _metrics(workdir: Path) -> list[dict]:
 def _poison(steps: set[int]):
     """build_inputs that puts NaN into the anchor's mel on the given steps."""
     def build(batch, step, *args, **kwargs):
-        out = step_mod.build_inputs(batch, step, *args, **kwargs)
+        out = batch_mod.build_inputs(batch, step, *args, **kwargs)
         if step in steps:
             out.anchor.mel[0, :, :5] = np.nan
         return out
@@ -290,7 +289,7 @@ def _poison(steps: set[int]):
 def _restore(c, workdir: Path, step: int):
     """Host (trainables, optimizer state) of a saved step, restored into trees built like train.py's."""
     model, wrt = _lora_model(c, nonzero_b=False)
-    _, trainable, _ = nnx.split(model, wrt, ...)
+    _, trainable, _ = build.split_state(model, build.lora_config(c), build.precision(c))
     opt = jax.jit(_optimizer(c).init)(trainable)
     with TrainCheckpointer(workdir / "checkpoints") as ckpt:
         r = ckpt.restore(step, trainable, opt)
@@ -347,12 +346,12 @@ def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monk
         if step == 1:
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler installed"
             os.kill(os.getpid(), signal.SIGTERM)
-        return step_mod.build_inputs(batch, step, *args, **kwargs)
+        return batch_mod.build_inputs(batch, step, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "build_inputs", stop_during_step_1)
     trainer.train(c, tmp_path)
     assert _saved_steps(tmp_path) == [2]
-    monkeypatch.setattr(trainer, "build_inputs", step_mod.build_inputs)
+    monkeypatch.setattr(trainer, "build_inputs", batch_mod.build_inputs)
     trainer.train(c, tmp_path)
     assert _saved_steps(tmp_path) == [2, 4]
     a, b = _metrics(straight), _metrics(tmp_path)
@@ -381,7 +380,7 @@ def test_train_skips_nonfinite_steps_and_aborts_after_max_nonfinite(manifest, tm
     ((2, 2, 2), 6, ["global batch 6", "data*fsdp = 2*2 = 4"]),
 ])
 def test_train_rejects_bad_mesh(tmp_path, mesh, batch, words):
-    c = tiny.get_config("pairwise")
+    c = build.load_config(f"{TINY}:pairwise")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.train.batch_size = batch
     with pytest.raises(ValueError) as e:

@@ -19,8 +19,9 @@ from transformers.vision_utils import (
     get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index,
 )
 
-from omniret_jax.model.config import VisionConfig
-from omniret_jax.model.vision import VisionTower, vision_layout
+from omniret_jax.config import VisionConfig
+from omniret_jax.data.vision_layout import vision_layout
+from omniret_jax.model.vision import VisionTower
 from tests.hf_tiny import load_torch_weights, tiny_hf_thinker
 
 TOL = 1e-4

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omniret_jax.convert.keymap import LAYOUTS
+from omniret_jax.config import Precision
+from omniret_jax.convert.keymap import THINKER_LAYOUTS
 from omniret_jax.convert.orbax_io import save_module
 from omniret_jax.convert.to_flax import load_thinker
 
@@ -18,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output directory (must not hold a checkpoint yet)")
     p.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--layout", default=None, choices=sorted(LAYOUTS), help="key layout (default: detected)")
+    p.add_argument("--layout", default=None, choices=sorted(THINKER_LAYOUTS), help="key layout (default: detected)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept PyTorch .bin pickles (loaded with torch.load(weights_only=True))")
     args = p.parse_args(argv)
-    model, report = load_thinker(args.src, param_dtype=args.param_dtype, layout=args.layout,
+    model, report = load_thinker(args.src, precision=Precision.from_names(frozen=args.param_dtype), layout=args.layout,
                                  allow_pickle=args.allow_pickle)
     out = save_module(model, args.out, args.src)
     ignored = ", ".join(f"{k}* ({n})" for k, n in report.ignored.items()) or "none"

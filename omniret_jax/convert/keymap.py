@@ -43,12 +43,18 @@ for _name, _table in LAYOUTS.items():
     _top = "thinker." if _name == "released" else ""
     _table.update({m: _top + m for m in WAVE_MODULES})
 
+# The thinker/WAVE checkpoint layouts (the ones detect_layout recognises).
+THINKER_LAYOUTS = tuple(LAYOUTS)
+# A standalone unilm BEATs state dict: our BEATs module's top-level names are its keys.
+LAYOUTS["unilm_beats"] = {m: m for m in ("patch_embedding", "layer_norm", "post_extract_proj", "encoder")}
+
 # Checkpoint prefixes that belong to parts of Qwen2.5-Omni the port does not
 # model (speech generation). They are skipped and counted, never guessed at.
 IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {
     "released": ("talker.", "token2wav."),
     "thinker": (),
     "transformers5": (),
+    "unilm_beats": (),
 }
 
 

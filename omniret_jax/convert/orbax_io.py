@@ -6,7 +6,6 @@ only the config to rebuild the abstract module.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -49,7 +48,3 @@ def restore_module(build, ckpt_dir: str | Path) -> nnx.Module:
         restored = ckptr.restore(ckpt_dir / STATE_DIR, target)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
-
-
-def read_config(ckpt_dir: str | Path) -> dict:
-    return json.loads((Path(ckpt_dir) / CONFIG_NAME).read_text())

@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 
 from omniret_jax.convert.keymap import flax_to_hf_key
-from omniret_jax.convert.tensors import TensorSource
-from omniret_jax.convert.to_torch import write_safetensors
+from omniret_jax.convert.tensors import TensorSource, write_safetensors
 from omniret_jax.model.layers import Linear
 from omniret_jax.model.lora import LoRAConfig, attach, iter_linears, lora_modules, path_str, select_targets
 

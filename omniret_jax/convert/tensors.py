@@ -1,4 +1,4 @@
-"""Read checkpoint tensors one at a time.
+"""Safetensors files tensor by tensor: the one header reader, the streaming writer, checkpoint sources.
 
 Safetensors files are parsed directly (8-byte header length, JSON header, raw
 little-endian data) so each tensor is read with one ``np.fromfile`` into its own
@@ -6,15 +6,18 @@ buffer: memory stays bounded by the largest tensor, and bfloat16 works without
 torch (``ml_dtypes``, a JAX dependency, provides the NumPy dtype). A sharded
 checkpoint is found through ``model.safetensors.index.json``. PyTorch ``.bin``
 pickles are refused unless explicitly allowed, then loaded with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. Writing goes the other way one tensor at a time
+(``write_safetensors``), so an export never holds the whole model on the host.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -29,17 +32,60 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file or key."""
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+SAFETENSORS_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """(tensor entries, ``__metadata__``, byte offset of the data section) of a safetensors file."""
+    path = os.fspath(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file")
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise CheckpointError(f"{path}: implausible safetensors header length {n}")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
+        if n > min(100_000_000, os.path.getsize(path) - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header: {e})") from e
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta, 8 + n
+
+
+def write_safetensors(path: str | Path, entries: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+                      fetch: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> int:
+    """Write one safetensors file from (key, shape, dtype) entries, fetching each tensor when its turn comes.
+
+    ``fetch(key)`` must return an array of exactly the announced shape and dtype.
+    Returns the number of data bytes written.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors data is little-endian; writing from a big-endian host is not supported")
+    entries = list(entries)
+    header: dict[str, dict] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for key, shape, dtype in entries:
+        dtype = np.dtype(dtype)
+        if dtype not in SAFETENSORS_CODES:
+            raise ValueError(f"tensor {key!r}: dtype {dtype} has no safetensors code")
+        if key in header:
+            raise ValueError(f"tensor {key!r} is written twice")
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_CODES[dtype], "shape": [int(s) for s in shape],
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, shape, dtype in entries:
+            arr = np.ascontiguousarray(fetch(key))
+            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
+                raise ValueError(f"tensor {key!r}: fetched {arr.shape} {arr.dtype}, announced {tuple(shape)} {dtype}")
+            arr.tofile(f)
+    return offset
 
 
 class TensorSource:
@@ -81,7 +127,7 @@ class TensorSource:
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"checkpoint shard {f} listed in the index is missing")
-            header, data_start = _read_header(f)
+            header, _, data_start = read_header(f)
             for key, info in header.items():
                 if key in self._entries:
                     raise CheckpointError(f"tensor {key!r} appears in both {self._entries[key][0]} and {f}")
@@ -137,6 +183,25 @@ class TensorSource:
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self.keys():
             yield key, self.read(key)
+
+
+class MappingSource:
+    """In-memory tensors (a state dict already read) behind the TensorSource interface."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._tensors = {k: np.asarray(v) for k, v in tensors.items()}
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.read(key).shape)
+
+    def read(self, key: str) -> np.ndarray:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise CheckpointError(f"tensor {key!r} is not in the checkpoint") from None
 
 
 class OverlaySource:

@@ -1,26 +1,40 @@
-"""Fill an abstract Flax NNX module from a PyTorch checkpoint, tensor by tensor.
+"""Every weight loader: fill an abstract Flax NNX module from a PyTorch checkpoint, tensor by tensor.
 
-The module is built with ``nnx.eval_shape`` (no memory for random weights);
-each checkpoint tensor is read, transposed if it is a Linear weight, checked
-against the parameter's shape, cast to the parameter's dtype and placed. Unknown,
-missing or mis-shaped keys stop the load with an error naming them.
+The module is built with ``nnx.eval_shape`` (no memory for random weights); each
+checkpoint tensor is read, transposed if it is a Linear weight, checked against the
+parameter's shape, cast to the parameter's dtype (the precision policy decides it:
+frozen weights in ``Precision.frozen``, WAVE's trained heads in ``Precision.trainable``)
+and placed, on a mesh straight into its sharding. Unknown, missing or mis-shaped keys
+stop the load with an error naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from omniret_jax import sharding
+from omniret_jax.config import BEATsConfig, Precision, ThinkerConfig
+from omniret_jax.convert.beats import canonical_state, load_unilm_checkpoint
 from omniret_jax.convert.keymap import (
     IGNORED_PREFIXES, LAYOUTS, WAVE_MODULES, detect_layout, expected_hf_shape, flax_to_hf_array, flax_to_hf_key,
     hf_to_flax_array,
 )
-from omniret_jax.convert.tensors import CheckpointError, OverlaySource, TensorSource
+from omniret_jax.convert.tensors import CheckpointError, MappingSource, OverlaySource, TensorSource
+from omniret_jax.model.beats import BEATs
+from omniret_jax.model.thinker import Thinker
+from omniret_jax.model.wave import WAVE, wave_heads
+
+# WAVE's trained modules (the LoRA adapters come on top of them).
+HEADS = ("classify_linear", "beats_ln", "beats_proj")
 
 
 @dataclasses.dataclass
@@ -40,22 +54,28 @@ def _cast(arr: np.ndarray, dtype) -> np.ndarray:
 
 def load_module(
     build: Callable[[], nnx.Module],
-    source: TensorSource,
+    source: Any,
     *,
     layout: str | None = None,
     extra_ignored: tuple[str, ...] = (),
+    mesh: Mesh | None = None,
     progress: bool = True,
 ) -> tuple[nnx.Module, LoadReport]:
-    """Build ``build()`` abstractly and fill every parameter from ``source``.
+    """Build ``build()`` abstractly and fill every parameter from ``source`` (a TensorSource,
+    MappingSource or OverlaySource).
 
-    Each tensor is placed on the default device as it is read, so host memory
-    holds at most one tensor in flight beside the converted parameters.
+    Each tensor is placed on the device as it is read (with ``mesh``, straight into the
+    sharding its logical axes give), so host memory holds at most one tensor in flight
+    beside the converted parameters and no device holds an unsharded copy.
     """
     keys = source.keys()
     layout = layout or detect_layout(keys)
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
+    placement = None
+    if mesh is not None:
+        placement = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh)))
     wanted: dict[str, tuple[Any, nnx.Variable]] = {}
     for path, var in flat:
         wanted[flax_to_hf_key(path, layout)] = (path, var)
@@ -91,34 +111,41 @@ def load_module(
                                   f"{want_shape} (from config)")
         arr = _cast(hf_to_flax_array(path, source.read(key)), abstract_value.dtype)
         nbytes += arr.nbytes
-        var.set_value(jax.device_put(arr))
+        target = None if placement is None else placement[path].get_value()
+        var.set_value(jax.device_put(arr, target))
         del arr
     module = nnx.merge(graphdef, state)
     return module, LoadReport(layout=layout, loaded=len(wanted), ignored=ignored, nbytes=nbytes)
 
 
-def load_thinker(path, *, dtype: str = "float32", param_dtype: str = "float32", layout: str | None = None,
-                 allow_pickle: bool = False, progress: bool = True):
-    """A Qwen2.5-Omni thinker from a Hugging Face checkpoint directory (config.json + weights)."""
-    from omniret_jax.model.config import ThinkerConfig
-    from omniret_jax.model.thinker import Thinker
-
-    cfg = ThinkerConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+def load_thinker(path, *, precision: Precision = Precision(), layout: str | None = None, mesh: Mesh | None = None,
+                 allow_pickle: bool = False, progress: bool = True) -> tuple[Thinker, LoadReport]:
+    """A Qwen2.5-Omni thinker from a Hugging Face checkpoint directory (config.json + weights),
+    every weight in ``precision.frozen``."""
+    cfg = ThinkerConfig.from_pretrained(path, precision=precision)
     source = TensorSource(path, allow_pickle=allow_pickle)
     layout = layout or detect_layout(source.keys())
     # A WAVE checkpoint holds a thinker too; its extra modules are skipped (and counted).
     wave = tuple(LAYOUTS[layout][m] + "." for m in WAVE_MODULES)
-    model, report = load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout,
-                                extra_ignored=wave, progress=progress)
-    return model, report
+    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout, extra_ignored=wave,
+                       mesh=mesh, progress=progress)
 
 
-HEADS = ("classify_linear", "beats_ln", "beats_proj")
+def load_beats(cfg: BEATsConfig, weights: Mapping[str, np.ndarray], *, prefix: str = "",
+               precision: Precision = Precision(), progress: bool = False) -> BEATs:
+    """A BEATs module from a unilm-layout state dict (keys under ``prefix``; others are ignored)."""
+    sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        state = canonical_state(cfg, sub)
+    except ValueError as e:
+        raise CheckpointError(f"BEATs weights: {e}") from e
+    build = lambda: BEATs(cfg, rngs=nnx.Rngs(0), dtype=precision.compute, param_dtype=precision.frozen)  # noqa: E731
+    return load_module(build, MappingSource(state), layout="unilm_beats", progress=progress)[0]
 
 
-def load_wave(path, *, beats_checkpoint=None, dtype: str = "float32", param_dtype: str = "float32",
-              layout: str | None = None, init_missing_heads: bool = False, allow_pickle: bool = False,
-              seed: int = 0, progress: bool = True):
+def load_wave(path, *, beats_checkpoint=None, precision: Precision = Precision(), layout: str | None = None,
+              init_missing_heads: bool = False, allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None,
+              remat: str = "none", progress: bool = True) -> tuple[WAVE, LoadReport]:
     """A WAVE model (thinker + BEATs + fusion head + BEATs adaptor) from a PyTorch checkpoint.
 
     BEATs weights come from the checkpoint's ``beats.*`` keys, or from the unilm
@@ -127,14 +154,7 @@ def load_wave(path, *, beats_checkpoint=None, dtype: str = "float32", param_dtyp
     config.json). A plain Qwen2.5-Omni checkpoint has no fusion head or adaptor:
     that is an error unless ``init_missing_heads`` starts them from random init.
     """
-    import json
-    from pathlib import Path
-
-    from omniret_jax.model.beats import BEATsConfig, canonical_state, load_unilm_checkpoint
-    from omniret_jax.model.config import ThinkerConfig
-    from omniret_jax.model.wave import WAVE, wave_heads
-
-    cfg = ThinkerConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    cfg = ThinkerConfig.from_pretrained(path, precision=precision)
     source = TensorSource(path, allow_pickle=allow_pickle)
     layout = layout or detect_layout(source.keys())
     prefix = {m: LAYOUTS[layout][m] + "." for m in WAVE_MODULES}
@@ -156,7 +176,7 @@ def load_wave(path, *, beats_checkpoint=None, dtype: str = "float32", param_dtyp
     except ValueError as e:
         raise CheckpointError(f"BEATs weights: {e}") from e
 
-    build = lambda: WAVE(cfg, beats_cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    build = lambda: WAVE(cfg, beats_cfg, rngs=nnx.Rngs(seed), remat=remat)  # noqa: E731
     missing_heads = [m for m in HEADS if not any(k.startswith(prefix[m]) for k in source.keys())]
     if missing_heads and not init_missing_heads:
         raise CheckpointError(
@@ -167,8 +187,7 @@ def load_wave(path, *, beats_checkpoint=None, dtype: str = "float32", param_dtyp
         fresh = wave_heads(cfg, beats_cfg, rngs=nnx.Rngs(seed))
         for name in missing_heads:
             for p, var in nnx.to_flat_state(nnx.state(fresh[name])):
-                path = (name, *p)
-                extra[flax_to_hf_key(path, layout)] = flax_to_hf_array(path, np.asarray(var.get_value()))
-    model, report = load_module(build, OverlaySource(source, extra, hidden=(prefix["beats"],)),
-                                layout=layout, progress=progress)
-    return model, report
+                key_path = (name, *p)
+                extra[flax_to_hf_key(key_path, layout)] = flax_to_hf_array(key_path, np.asarray(var.get_value()))
+    return load_module(build, OverlaySource(source, extra, hidden=(prefix["beats"],)), layout=layout, mesh=mesh,
+                       progress=progress)

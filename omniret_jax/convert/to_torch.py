@@ -14,58 +14,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
 from omniret_jax.convert.keymap import LAYOUTS, expected_hf_shape, flax_to_hf_array, flax_to_hf_key
-from omniret_jax.convert.tensors import DTYPES
-from omniret_jax.model.beats import tied_keys
+from omniret_jax.convert.beats import tied_keys
+from omniret_jax.convert.tensors import write_safetensors
 from omniret_jax.model.lora import lora_modules, merged_kernel, path_str
 
-SAFETENSORSDTYPES = {np.dtype(v): k for k, v in DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-
-
-def write_safetensors(path: str | Path, entries: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-                      fetch: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> int:
-    """Write one safetensors file from (key, shape, dtype) entries, fetching each tensor when its turn comes.
-
-    ``fetch(key)`` must return an array of exactly the announced shape and dtype.
-    Returns the number of data bytes written.
-    """
-    if sys.byteorder != "little":
-        raise RuntimeError("safetensors data is little-endian; writing from a big-endian host is not supported")
-    entries = list(entries)
-    header: dict[str, dict] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for key, shape, dtype in entries:
-        dtype = np.dtype(dtype)
-        if dtype not in SAFETENSORSDTYPES:
-            raise ValueError(f"tensor {key!r}: dtype {dtype} has no safetensors code")
-        if key in header:
-            raise ValueError(f"tensor {key!r} is written twice")
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        header[key] = {"dtype": SAFETENSORSDTYPES[dtype], "shape": [int(s) for s in shape],
-                       "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for key, shape, dtype in entries:
-            arr = np.ascontiguousarray(fetch(key))
-            if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
-                raise ValueError(f"tensor {key!r}: fetched {arr.shape} {arr.dtype}, announced {tuple(shape)} {dtype}")
-            arr.tofile(f)
-    return offset
 
 
 def _plan_shards(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int) -> list[list]:

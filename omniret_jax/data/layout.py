@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.config import ThinkerConfig
 
 # WAVE/OmniRetriever's processor lets a video time within this relative
 # distance of a chunk edge count as past it (guards float round-off).
@@ -37,10 +37,16 @@ _WAVE_EDGE_RTOL = 1e-5
 
 # -- token counts ---------------------------------------------------------------
 
+def audio_output_lengths(feature_lens) -> np.ndarray:
+    """Tokens the Whisper tower emits per audio of ``feature_lens`` mel frames (conv stride 2, then pool 2)."""
+    lens = np.asarray(feature_lens, dtype=np.int64)
+    after_conv = (lens - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
+
+
 def audio_token_count(mel_len: int) -> int:
-    """Whisper-tower output length for ``mel_len`` mel frames (conv stride 2, then pool 2)."""
-    after_conv = (int(mel_len) - 1) // 2 + 1
-    count = (after_conv - 2) // 2 + 1
+    """``audio_output_lengths`` of one audio, which must yield at least one token."""
+    count = int(audio_output_lengths(int(mel_len)))
     if count < 1:
         raise ValueError(f"audio of {mel_len} mel frames yields no audio token (need >= 3 frames)")
     return count

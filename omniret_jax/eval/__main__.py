@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from omniret_jax.train import define_config_flag
+from omniret_jax.build import define_config_flag
 from omniret_jax.checkpoint import CheckpointError
 from omniret_jax.eval.embed import evaluate_checkpoint
 

@@ -31,21 +31,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from omniret_jax import sharding
+from omniret_jax import build, sharding
+from omniret_jax.build import ModelState
+from omniret_jax.config import EmbedConfig
+from omniret_jax.data.batch import prepare
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.eval import compression as C
 from omniret_jax.eval import retrieval
 from omniret_jax.eval.store import (CAPTION_LEVEL_PATHS, PATH_NAMES, EmbeddingSet, caption_entries,
                                     load_embeddings, write_embeddings)
-from omniret_jax.model.config import dtype_from_name
-from omniret_jax.model.embedder import EmbedConfig, Tokens, embed_paths, prepare
-from omniret_jax.model.lora import trainable_filter
+from omniret_jax.model.embedder import embed_paths
 
 FINGERPRINT_FORMAT = 1
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -86,25 +86,21 @@ def _concat(samples: list[dict]) -> dict:
 
 
 class GalleryEmbedder:
-    """Embeds records with one model in fixed-shape batches sharded over `mesh`."""
+    """Embeds records with one placed model (eval mode, ``build.build_state``/``restore_trained``)
+    in fixed-shape batches sharded over `mesh`."""
 
-    def __init__(self, model, tokens: Tokens, ecfg: EmbedConfig, mesh, *, batch_size: int, lora,
-                 frozen_dtype: str = "float32"):
+    def __init__(self, state: ModelState, ecfg: EmbedConfig, mesh, *, batch_size: int):
         if jax.process_count() > 1:
             raise ValueError(f"gallery embedding runs on one host; this job has {jax.process_count()} processes")
         sharding.batch_sharding(mesh, batch_size)  # the batch must split over the batch axes
-        self.model_cfg, self.tokens, self.ecfg, self.mesh, self.batch_size = model.cfg, tokens, ecfg, mesh, batch_size
-        model.eval()
-        self.graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
-        fd = dtype_from_name(frozen_dtype)
-        frozen = jax.tree.map(lambda x: x.astype(fd) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
-        self.trainable, self.frozen = sharding.shard_state(trainable, mesh), sharding.shard_state(frozen, mesh)
+        self.state, self.ecfg, self.mesh, self.batch_size = state, ecfg, mesh, batch_size
 
     def embed_batch(self, batch: dict, paths: Sequence[str]) -> dict[str, np.ndarray]:
         """{path: float32 [B, D]} for a batch of exactly `batch_size` rows."""
-        host = prepare(batch, paths, self.model_cfg, self.tokens, self.ecfg)
+        s = self.state
+        host = prepare(batch, paths, s.cfg, s.tokens, self.ecfg)
         inputs = sharding.shard_batch(host, self.mesh)  # every input leaf is batch-first
-        out = _embed_jit(self.graphdef, self.trainable, self.frozen, inputs, self.ecfg)
+        out = _embed_jit(s.graphdef, s.trainable, s.frozen, inputs, self.ecfg)
         return {p: np.asarray(jax.device_get(v), np.float32) for p, v in out.items()}
 
     def embed_records(self, records: Sequence[ManifestRecord], paths: Sequence[str], pcfg: PipelineConfig, *,
@@ -222,20 +218,18 @@ def resolve_checkpoint(arg: str | os.PathLike) -> CheckpointRef:
 def model_dim(c) -> int:
     """Embedding width D of the config's model, without building it."""
     if c.model.init == "random":
-        return int(c.model.tiny.hidden_size)
-    from omniret_jax.model.config import ThinkerConfig
+        return int(c.model.tiny.hidden_size) if "tiny" in c.model else 3584
+    from omniret_jax.config import ThinkerConfig
 
     return ThinkerConfig.from_pretrained(c.model.checkpoint).text.hidden_size
 
 
-def load_model(c, ref: CheckpointRef):
-    """(model, tokens): the untrained model for ref.directory None, else the trained one."""
-    from omniret_jax.train import build_model, restore_trained
-
+def load_state(c, ref: CheckpointRef, mesh) -> ModelState:
+    """The placed eval-mode model: untrained (fresh, zero-effect adapters) for ref.directory None,
+    else with the trained adapters and heads."""
     if ref.directory is None:
-        return build_model(c)
-    model, tokens, _ = restore_trained(c, ref.directory, ref.step)
-    return model, tokens
+        return build.build_state(c, mesh, train=False)
+    return build.restore_trained(c, ref.directory, mesh, ref.step)[0]
 
 
 def fingerprint(c, ref: CheckpointRef, mode: str, paths: Sequence[str]) -> str:
@@ -321,13 +315,9 @@ def evaluate_checkpoint(c, checkpoint, manifest, out, *, mode: str = "first", bl
             raise ValueError(f"{e}\nThe cached embeddings in {out} do not fit this model and gallery: pass "
                              f"--recompute (recompute=True) or use another output directory.") from e
     else:
-        from omniret_jax.train import embed_config, lora_config
-
-        model, tokens = load_model(c, ref)
         mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh.to_dict()))
-        embedder = GalleryEmbedder(model, tokens, embed_config(c), mesh,
-                                   batch_size=batch_size or c.train.batch_size, lora=lora_config(c),
-                                   frozen_dtype=c.model.frozen_dtype)
+        embedder = GalleryEmbedder(load_state(c, ref, mesh), build.embed_config(c), mesh,
+                                   batch_size=batch_size or c.train.batch_size)
         emb = embedder.embed_gallery(records, paths, mode=mode, pcfg=eval_pipeline_config(c), progress=progress)
         fp_file.unlink(missing_ok=True)  # a crash below leaves no stale fingerprint behind
         write_embeddings(emb_file, emb.paths, emb.ids, emb.caption_ids)

@@ -24,24 +24,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from omniret_jax.convert.tensors import DTYPES, read_header
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 
 PATH_NAMES = ("T", "V", "A", "AV", "TV", "TA")
 CAPTION_LEVEL_PATHS = frozenset({"T", "TV", "TA"})
 FORMAT = "omniret-embeddings/1"
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8")}
+_FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 _SHOWN = 5
-
-
-def _bf16():
-    import ml_dtypes  # shipped with jax; only needed for bfloat16 files
-
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 def caption_entries(records: Sequence[ManifestRecord]) -> list[tuple[str, str]]:
@@ -210,29 +204,12 @@ def write_embeddings(path: str | os.PathLike, paths: Mapping[str, np.ndarray],
     os.replace(tmp, path)
 
 
-def _read_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        size = os.path.getsize(path)
-        if n > size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n} > file size)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
-    return header, 8 + n
-
-
 def load_embeddings(path: str | os.PathLike, *, manifest=None, expected_dim: int | None = None,
                     mmap: bool = False) -> EmbeddingSet:
     """Reads and validates an embedding file; arrays are float32 (np.memmap when `mmap` and
     the file is F32, so galleries larger than memory are read block by block)."""
     path = os.fspath(path)
-    header, data_start = _read_header(path)
-    meta = header.pop("__metadata__", None) or {}
+    header, meta, data_start = read_header(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected "
                          f"{FORMAT!r} (write files with store.write_embeddings)")
@@ -249,7 +226,7 @@ def load_embeddings(path: str | os.PathLike, *, manifest=None, expected_dim: int
         if name not in header:
             continue
         info = header[name]
-        dt = _bf16() if info["dtype"] == "BF16" else _DTYPES.get(info["dtype"])
+        dt = np.dtype(DTYPES[info["dtype"]]) if info["dtype"] in _FLOAT_CODES else None
         if dt is None:
             raise ValueError(f"{path}: path {name!r} has dtype {info['dtype']}; expected one of "
                              f"F32, F16, BF16, F64")

@@ -16,16 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omniret_jax.model.config import AudioConfig
+from omniret_jax.config import AudioConfig
 from omniret_jax.model.layers import (AUDIO_EMBED, AUDIO_MLP, CONV, EMBED, NORM, Embed, LayerNorm, Linear,
                                       normal_init, activation, dot_product_attention, gelu_exact)
-
-
-def audio_output_lengths(feature_lens) -> np.ndarray:
-    """Tokens the tower emits per audio of ``feature_lens`` mel frames (conv stride 2, then pool 2)."""
-    lens = np.asarray(feature_lens, dtype=np.int64)
-    after_conv = (lens - 1) // 2 + 1
-    return (after_conv - 2) // 2 + 1
 
 
 def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -104,7 +97,7 @@ class AudioTower(nnx.Module):
     """mel [B, n_mels, T] + feature_lens [B] -> (features [B, T//4, output_dim], valid [B, T//4]).
 
     Valid features of each audio form a prefix of its row, in the reference's
-    order; their count is ``audio_output_lengths(feature_lens)``.
+    order; their count is ``omniret_jax.data.layout.audio_output_lengths(feature_lens)``.
     ``cfg.scale_embedding`` is ignored because the reference ignores it too.
     """
 

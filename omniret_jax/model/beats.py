@@ -6,119 +6,24 @@ waveform, and returns one 768-d token per 16x16 time-frequency patch, ordered
 time-major (token ``t * 8 + f`` for 128 mel bins), i.e. ~50 tokens per second.
 
 Parameter paths equal the unilm state-dict keys (WAVE stores them under
-``beats.``), with these checkpoint details:
-
-- ``encoder.pos_conv.0`` is weight-normalised (``dim=2``); the module keeps
-  ``weight_g``/``weight_v`` as parameters and builds the kernel in the forward.
-  A plain ``weight`` or torch's ``parametrizations.weight.original0/1`` is
-  rewritten to ``weight_g``/``weight_v`` by :func:`canonical_state`.
-- unilm ties every layer's ``self_attn.relative_attention_bias`` to layer 0's;
-  the checkpoint repeats it under every layer. Only layer 0 holds it here
-  (:func:`tied_keys` lists the copies for a converter writing torch layout).
-- ``predictor.*`` (the AudioSet head of fine-tuned checkpoints) is not used for
-  features and is not a parameter here.
+``beats.``): ``encoder.pos_conv.0`` keeps weight norm's ``weight_g``/``weight_v``
+and builds the kernel in the forward; only layer 0 holds the relative bias table
+unilm ties across layers; ``predictor.*`` (the AudioSet head) is not a parameter.
+``omniret_jax.convert.beats`` maps checkpoints onto these names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omniret_jax.convert.keymap import expected_hf_shape, hf_to_flax_array, is_kernel
+from omniret_jax.config import BEATsConfig
 from omniret_jax.model.layers import (AUDIO_EMBED, AUDIO_MLP, CONV, HEADS, LayerNorm, Linear,
                                       activation)
-
-
-@dataclasses.dataclass(frozen=True)
-class BEATsConfig:
-    """Field names follow the unilm ``BEATsConfig``; defaults are BEATs iter3+."""
-
-    input_patch_size: int = 16
-    embed_dim: int = 512
-    conv_bias: bool = False
-    encoder_layers: int = 12
-    encoder_embed_dim: int = 768
-    encoder_ffn_embed_dim: int = 3072
-    encoder_attention_heads: int = 12
-    activation_fn: str = "gelu"
-    layer_norm_first: bool = False
-    deep_norm: bool = True
-    conv_pos: int = 128
-    conv_pos_groups: int = 16
-    relative_position_embedding: bool = True
-    num_buckets: int = 320
-    max_distance: int = 800
-    gru_rel_pos: bool = True
-    finetuned_model: bool = False
-    predictor_class: int = 527
-
-    def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"BEATsConfig: {msg}")
-
-        for name in ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim",
-                     "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos", "conv_pos_groups"):
-            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
-        need(not self.layer_norm_first,
-             "layer_norm_first=True (pre-LN BEATs) is not supported; iter3+ is post-LN")
-        need(self.activation_fn in ("gelu", "relu"),
-             f"activation_fn={self.activation_fn!r} is not supported (gelu, relu)")
-        need(self.encoder_embed_dim % self.encoder_attention_heads == 0,
-             f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by "
-             f"encoder_attention_heads={self.encoder_attention_heads}")
-        need(self.encoder_embed_dim % self.conv_pos_groups == 0,
-             f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by "
-             f"conv_pos_groups={self.conv_pos_groups}")
-        if self.relative_position_embedding:
-            half = self.num_buckets // 2
-            need(half >= 2 and self.max_distance > half // 2,
-                 f"num_buckets={self.num_buckets} / max_distance={self.max_distance} give an empty "
-                 "log-spaced bucket range")
-        need(not self.gru_rel_pos or self.relative_position_embedding,
-             "gru_rel_pos=True needs relative_position_embedding=True")
-
-    @property
-    def head_dim(self) -> int:
-        return self.encoder_embed_dim // self.encoder_attention_heads
-
-    @property
-    def deep_norm_alpha(self) -> float:
-        return math.pow(2 * self.encoder_layers, 0.25) if self.deep_norm else 1.0
-
-    @classmethod
-    def from_unilm_dict(cls, cfg: Mapping[str, Any]) -> "BEATsConfig":
-        """Build from the ``cfg`` entry of a unilm checkpoint.
-
-        Every architecture key must be present (unilm's own defaults differ from
-        iter3+, so a silent default would change the model); dropout and
-        gradient-decay keys are accepted and ignored; anything else is an error.
-        """
-        if not isinstance(cfg, Mapping):
-            raise ValueError(f"BEATs cfg must be a dict, got {type(cfg).__name__}")
-        optional = {"predictor_class"}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - fields - _TRAINING_ONLY_KEYS)
-        if unknown:
-            raise ValueError(f"unknown BEATs cfg keys {unknown}")
-        missing = sorted(fields - optional - set(cfg))
-        if missing:
-            raise ValueError(f"BEATs cfg lacks keys {missing}")
-        return cls(**{k: v for k, v in cfg.items() if k in fields})
-
-
-# unilm cfg entries that only matter for training.
-_TRAINING_ONLY_KEYS = frozenset({
-    "dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input",
-    "layer_wise_gradient_decay_ratio", "predictor_dropout",
-})
 
 
 def relative_position_buckets(cfg: BEATsConfig, length: int) -> np.ndarray:
@@ -328,87 +233,3 @@ class BEATs(nnx.Module):
             x = self.post_extract_proj(x)
         x = self.encoder(x, valid)
         return jnp.where(valid[..., None], x, 0).astype(x.dtype), valid
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def tied_keys(cfg: BEATsConfig) -> dict[str, str]:
-    """Checkpoint keys that are copies of another key (unilm's shared relative bias table)."""
-    if not cfg.relative_position_embedding:
-        return {}
-    src = "encoder.layers.0.self_attn.relative_attention_bias.weight"
-    return {src.replace(".0.", f".{i}.", 1): src for i in range(1, cfg.encoder_layers)}
-
-
-def _pos_conv_from_plain(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weight-norm parameters (g, v) reproducing a plain conv weight: v = w, g = ||w|| per kernel tap."""
-    w = np.asarray(w, np.float32)
-    return np.sqrt(np.sum(w * w, axis=(0, 1), keepdims=True)), w
-
-
-def canonical_state(cfg: BEATsConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Map a unilm-layout state dict onto exactly this module's parameter keys.
-
-    Rewrites the pos-conv weight-norm variants, checks and drops tied copies of the
-    relative bias table, drops ``predictor.*`` of fine-tuned checkpoints. Missing or
-    unexpected keys raise ValueError naming them.
-    """
-    out = dict(weights)
-    pc = "encoder.pos_conv.0."
-    if pc + "parametrizations.weight.original0" in out:
-        out[pc + "weight_g"] = out.pop(pc + "parametrizations.weight.original0")
-        out[pc + "weight_v"] = out.pop(pc + "parametrizations.weight.original1")
-    if pc + "weight" in out:
-        if pc + "weight_g" in out or pc + "weight_v" in out:
-            raise ValueError(f"checkpoint has both {pc}weight and {pc}weight_g/weight_v")
-        out[pc + "weight_g"], out[pc + "weight_v"] = _pos_conv_from_plain(out.pop(pc + "weight"))
-    for copy, src in tied_keys(cfg).items():
-        if copy in out:
-            if src in out and not np.array_equal(np.asarray(out[copy]), np.asarray(out[src])):
-                raise ValueError(f"{copy} differs from {src}; BEATs ties them, so they must be equal")
-            del out[copy]
-    if cfg.finetuned_model:
-        for key in ("predictor.weight", "predictor.bias"):
-            out.pop(key, None)
-    return out
-
-
-def load_weights(model: BEATs, weights: Mapping[str, np.ndarray], prefix: str = "") -> None:
-    """Copy a unilm-layout state dict (keys under ``prefix``) into ``model`` in place.
-
-    Follows the naming contract: path with final ``kernel`` -> ``weight`` (transposed).
-    Raises ValueError for missing keys, unexpected keys or shape mismatches.
-    """
-    sub = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    state = canonical_state(model.cfg, sub)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    # The converter's leaf rule (a final ``kernel`` is torch's ``weight`` transposed).
-    expected = {".".join([*map(str, path[:-1]), "weight" if is_kernel(path) else str(path[-1])]): (path, var)
-                for path, var in flat}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"BEATs weights do not match the config: missing {missing}, unexpected "
-                         f"{[prefix + k for k in unexpected]}")
-    updates = []
-    for key, (path, var) in expected.items():
-        got = np.asarray(state[key])
-        want = expected_hf_shape(path, tuple(var.shape))
-        if got.shape != want:
-            raise ValueError(f"{prefix}{key}: checkpoint shape {got.shape} does not fit the config (expects {want})")
-        updates.append((path, var.replace(jnp.asarray(hf_to_flax_array(path, got), var.dtype))))
-    nnx.update(model, nnx.from_flat_state(updates))
-
-
-def load_unilm_checkpoint(path: str | Path) -> tuple[BEATsConfig, dict[str, np.ndarray]]:
-    """Read a unilm BEATs ``.pt`` (a dict with ``cfg`` and ``model``) without running pickled code."""
-    import torch  # the reference framework is only needed to read the .pt file
-
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or not {"cfg", "model"} <= set(ckpt):
-        got = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a unilm BEATs checkpoint dict with 'cfg' and 'model', got {got}")
-    cfg = BEATsConfig.from_unilm_dict(ckpt["cfg"])
-    weights = {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy()
-               for k, v in ckpt["model"].items()}
-    return cfg, weights

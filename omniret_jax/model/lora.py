@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +44,14 @@ def _compile(pattern: str, what: str) -> re.Pattern:
 class LoRAConfig:
     """Adapter hyper-parameters (OmniRetriever: rank 16, alpha 32, dropout 0.05 on LLM q/k/v).
 
-    ``param_dtype`` is the adapters' dtype; float32 by default even on a bf16
-    backbone, as PEFT does (its ``autocast_adapter_dtype``).
+    The adapters' dtype is the precision policy's trainable dtype (``apply_lora(dtype=)``):
+    float32 by default even on a bf16 backbone, as PEFT does (``autocast_adapter_dtype``).
     """
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     target: str = DEFAULT_TARGET
     trainable_extra: tuple[str, ...] = DEFAULT_TRAINABLE_EXTRA
-    param_dtype: Any = jnp.float32
 
     def __post_init__(self):
         if not (isinstance(self.rank, int) and self.rank > 0):
@@ -111,7 +110,7 @@ def attach(linear: Linear, a: jax.Array, b: jax.Array, scale: float, dropout: fl
     linear.lora_dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
 
 
-def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
+def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs, *, dtype=jnp.float32) -> list[str]:
     """Attach fresh adapters to every Linear ``cfg.target`` selects, in place; returns their paths.
 
     ``lora_a`` is drawn like PEFT's default (kaiming-uniform with a=sqrt(5) on
@@ -124,7 +123,7 @@ def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
         bound = 1.0 / math.sqrt(linear.in_features)
         a = jax.random.uniform(rngs.params(), (linear.in_features, cfg.rank), jnp.float32, -bound, bound)
         b = jnp.zeros((cfg.rank, linear.out_features), jnp.float32)
-        attach(linear, a.astype(cfg.param_dtype), b.astype(cfg.param_dtype), cfg.scale, cfg.dropout, rngs,
+        attach(linear, a.astype(dtype), b.astype(dtype), cfg.scale, cfg.dropout, rngs,
                name=name)
     return sorted(targets)
 

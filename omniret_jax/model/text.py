@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omniret_jax.model.config import TextConfig
+from omniret_jax.config import TextConfig
 from omniret_jax.model.layers import (
     EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, dot_product_attention, rotate_half,
 )

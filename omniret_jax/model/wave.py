@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omniret_jax.model.beats import BEATs, BEATsConfig
-from omniret_jax.model.config import ThinkerConfig
+from omniret_jax.config import BEATsConfig, ThinkerConfig
+from omniret_jax.model.beats import BEATs
 from omniret_jax.model.layers import AUDIO_EMBED, EMBED, MLP, LayerNorm, Linear, gelu_exact
 from omniret_jax.model.thinker import MediaFeatures, Thinker
 
@@ -36,11 +36,12 @@ def _apply_mlp(mlp: nnx.Dict, x: jax.Array) -> jax.Array:
 
 
 def wave_heads(cfg: ThinkerConfig, beats_cfg: BEATsConfig, *, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-    """The trainable WAVE modules, buildable alone (a base checkpoint lacks them)."""
+    """The trainable WAVE modules (stored in the trainable dtype), buildable alone (a base
+    checkpoint lacks them)."""
     d, n_layers, audio_out = cfg.text.hidden_size, cfg.text.num_hidden_layers, cfg.audio.output_dim
-    kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dict(rngs=rngs, dtype=cfg.precision.compute, param_dtype=cfg.precision.trainable)
     return {
-        "beats_ln": LayerNorm(beats_cfg.encoder_embed_dim, param_dtype=cfg.param_dtype),
+        "beats_ln": LayerNorm(beats_cfg.encoder_embed_dim, param_dtype=cfg.precision.trainable),
         "beats_proj": _two_layer_mlp(beats_cfg.encoder_embed_dim, audio_out, audio_out,
                                      (AUDIO_EMBED, EMBED), (MLP, EMBED), **kw),
         "classify_linear": _two_layer_mlp(d * n_layers, d, d, (MLP, EMBED), (MLP, EMBED), **kw),
@@ -51,7 +52,7 @@ class WAVE(Thinker):
     def __init__(self, cfg: ThinkerConfig, beats_cfg: BEATsConfig, *, rngs: nnx.Rngs, remat: bool | str = False):
         super().__init__(cfg, rngs=rngs, remat=remat)
         self.beats_cfg = beats_cfg
-        self.beats = BEATs(beats_cfg, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.beats = BEATs(beats_cfg, rngs=rngs, dtype=cfg.precision.compute, param_dtype=cfg.precision.frozen)
         heads = wave_heads(cfg, beats_cfg, rngs=rngs)
         self.beats_ln, self.beats_proj, self.classify_linear = (
             heads["beats_ln"], heads["beats_proj"], heads["classify_linear"])

@@ -1,0 +1,278 @@
+"""The one model factory: a config -> the model, its tokenizer and its state placed on a mesh.
+
+Train, eval, bench, the notebooks and the tests all build models here:
+
+- ``load_config("configs/tiny.py:distill", {"train.steps": 5})``: a config file as the CLIs read it;
+- ``build_model(c)``: random init (``model.init = "random"``: the widths of ``model.tiny``, or the
+  real 7B shapes when the config has no ``model.tiny``) or a WAVE / Qwen2.5-Omni checkpoint;
+- ``build_state(c, mesh)``: that model with fresh LoRA, split into trainable and frozen state,
+  each in its dtype of the precision policy and placed in its sharding. Random weights are
+  created inside one jit with the shardings as outputs and checkpoint tensors are placed as
+  they are read, so no device ever holds an unsharded float32 copy;
+- ``restore_trained(c, workdir, mesh=mesh)``: ``build_state`` plus the trainables of a training
+  checkpoint, restored straight into their shardings.
+
+The ``c.*`` sections are read here and nowhere else: ``precision``, ``lora_config``,
+``loss_config`` and ``embed_config`` turn them into the typed configs the layers below take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from omniret_jax import sharding
+from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
+from omniret_jax.config import (AudioConfig, BEATsConfig, EmbedConfig, Precision, TextConfig, ThinkerConfig,
+                                VisionConfig)
+from omniret_jax.data.tokens import TINY_IDS, Tokens, byte_tokens
+from omniret_jax.losses import LossConfig
+from omniret_jax.model.lora import LoRAConfig, apply_lora, trainable_filter
+from omniret_jax.model.wave import WAVE
+
+# The 7B shapes' tokenizer stand-in (no download): byte tokens under the real special ids.
+QWEN_IM_END, QWEN_PAD = 151645, 151643
+
+
+# ----------------------------------------------------------------------------- configs
+
+def define_config_flag() -> None:
+    """``--config`` (a configs/*.py file, optionally ``:preset``) with ``--config.<key>=<value>`` overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    if "config" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally :preset)")
+
+
+def load_config(spec: str | Path, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """``path/to/config.py[:arg]`` -> its ``get_config(arg)``, with dotted ``overrides`` applied
+    (``{"train.steps": 5}``), as ``--config`` and ``--config.<key>=<value>`` do on the command line."""
+    path, _, arg = str(spec).partition(":")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    root = str(path.resolve().parents[1])  # configs import `configs.common`
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"_omniret_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    c = module.get_config(arg) if arg else module.get_config()
+    for key, value in (overrides or {}).items():
+        node, *parts = key.split(".")
+        target = c
+        for name in [node, *parts][:-1]:
+            if name not in target:
+                raise KeyError(f"config override {key!r}: no section {name!r} in {path}")
+            target = target[name]
+        leaf = key.split(".")[-1]
+        if leaf not in target:
+            raise KeyError(f"config override {key!r}: {path} has no key {leaf!r} there")
+        target[leaf] = value
+    return c
+
+
+def precision(c) -> Precision:
+    p = c.model.precision
+    return Precision.from_names(compute=p.compute, trainable=p.trainable, frozen=p.frozen)
+
+
+def lora_config(c) -> LoRAConfig:
+    return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout)
+
+
+def loss_config(c) -> LossConfig:
+    return LossConfig.from_preset(
+        c.loss.preset, recipe=c.loss.recipe, l_A=c.loss.l_A, l_D=c.loss.l_D, l_T=c.loss.l_T,
+        temperature=c.loss.temperature, tuple_similarity=c.loss.tuple_similarity,
+        hard_negative_pool=c.loss.hard_negative_pool or None)
+
+
+def embed_config(c) -> EmbedConfig:
+    return EmbedConfig(**c.embed.to_dict())
+
+
+def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
+    """Model configs of a random-init model: ``model.tiny``'s widths, or the 7B defaults without it."""
+    prec = precision(c)
+    if "tiny" not in c.model:
+        return ThinkerConfig(precision=prec), BEATsConfig()
+    t = c.model.tiny
+    cfg = ThinkerConfig(
+        text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                        num_key_value_heads=t.num_key_value_heads, mrope_section=tuple(t.mrope_section)),
+        vision=VisionConfig(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
+                            intermediate_size=t.vision_intermediate_size, num_heads=t.vision_num_heads,
+                            out_hidden_size=t.hidden_size,
+                            fullatt_block_indexes=tuple(t.vision_fullatt_block_indexes)),
+        audio=AudioConfig(encoder_layers=t.audio_layers, d_model=t.audio_d_model, encoder_attention_heads=t.audio_heads,
+                          encoder_ffn_dim=t.audio_ffn, output_dim=t.hidden_size),
+        precision=prec, **TINY_IDS)
+    beats = BEATsConfig(encoder_layers=t.beats_layers, encoder_embed_dim=t.beats_dim,
+                        encoder_attention_heads=t.beats_heads, encoder_ffn_embed_dim=t.beats_ffn,
+                        embed_dim=t.beats_patch_dim, conv_pos=t.beats_conv_pos,
+                        conv_pos_groups=t.beats_conv_pos_groups, num_buckets=t.beats_buckets,
+                        max_distance=t.beats_max_distance)
+    return cfg, beats
+
+
+def tokens_for(c) -> Tokens:
+    if c.model.init == "random":
+        if "tiny" in c.model:
+            return byte_tokens()
+        return Tokens(encode=lambda s: [b + 1 for b in s.encode()], im_end_id=QWEN_IM_END, pad_id=QWEN_PAD)
+    return Tokens.from_pretrained(c.model.tokenizer or c.model.checkpoint)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _check_init(c) -> None:
+    if c.model.init not in ("random", "checkpoint"):
+        raise ValueError(f"config.model.init={c.model.init!r}: expected 'checkpoint' or 'random'")
+    if c.model.init == "checkpoint" and not c.model.checkpoint:
+        raise ValueError("config.model.checkpoint is empty: point it at a WAVE-7B (or Qwen2.5-Omni) directory")
+
+
+def random_model(c) -> WAVE:
+    """The config's random-init WAVE (parameters in the precision policy's dtypes)."""
+    cfg, beats = _random_configs(c)
+    return WAVE(cfg, beats, rngs=nnx.Rngs(params=c.model.seed), remat=c.model.remat)
+
+
+def build_model(c, *, mesh: Mesh | None = None) -> tuple[WAVE, Tokens]:
+    """The config's model without adapters (random init, or loaded into ``mesh``'s shardings)."""
+    _check_init(c)
+    if c.model.init == "random":
+        return random_model(c), tokens_for(c)
+    from omniret_jax.convert.to_flax import load_wave
+
+    model, _ = load_wave(c.model.checkpoint, beats_checkpoint=c.model.beats_checkpoint or None,
+                         precision=precision(c), init_missing_heads=c.model.init_missing_heads, seed=c.model.seed,
+                         mesh=mesh, remat=c.model.remat)
+    return model, tokens_for(c)
+
+
+def attach_lora(model: nnx.Module, c, *, train: bool) -> nnx.Module:
+    """Fresh adapters from the config (seeded like every run of it); dropout on in train mode."""
+    apply_lora(model, lora_config(c), nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2),
+               dtype=precision(c).trainable)
+    model.train() if train else model.eval()
+    return model
+
+
+@dataclasses.dataclass
+class ModelState:
+    """A model split once for jit: ``trainable`` (LoRA + heads) and ``frozen`` (everything else,
+    RNG state included), each placed in its sharding."""
+    graphdef: Any
+    trainable: Any
+    frozen: Any
+    cfg: ThinkerConfig
+    tokens: Tokens
+    lora: LoRAConfig
+
+    @property
+    def trainable_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.trainable)
+
+    @property
+    def frozen_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.frozen)
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+def _cast(tree, dtype):
+    def one(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+    return jax.tree.map(one, tree)
+
+
+def split_state(model: nnx.Module, lora: LoRAConfig, prec: Precision):
+    """(graphdef, trainable, frozen) with each float leaf in its dtype of the policy."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
+    return graphdef, _cast(trainable, prec.trainable), _cast(frozen, prec.frozen)
+
+
+def place(model: nnx.Module, c, mesh: Mesh, *, tokens: Tokens, verbose: bool = False) -> ModelState:
+    """Split ``model`` (adapters attached) by the trainable filter, cast by the policy, shard."""
+    lora, prec = lora_config(c), precision(c)
+    graphdef, trainable, frozen = split_state(model, lora, prec)
+    if verbose:
+        for fb in sharding.sharding_fallbacks(trainable, mesh) + sharding.sharding_fallbacks(frozen, mesh):
+            print(f"sharding: {fb}")
+    trainable, frozen = sharding.shard_state(trainable, mesh), sharding.shard_state(frozen, mesh)
+    return ModelState(graphdef, trainable, frozen, model.cfg, tokens, lora)
+
+
+def _random_split(c, *, train: bool):
+    lora, prec = lora_config(c), precision(c)
+    return lambda: split_state(attach_lora(random_model(c), c, train=train), lora, prec)
+
+
+def abstract_state(c, *, train: bool = True) -> tuple[Any, Any, Any, ThinkerConfig]:
+    """(graphdef, trainable, frozen, model config) of the config's random-init model with LoRA,
+    as ShapeDtypeStructs: shapes, dtypes and shardings without allocating a weight."""
+    graphdef, trainable, frozen = nnx.eval_shape(_random_split(c, train=train))
+    return graphdef, trainable, frozen, _random_configs(c)[0]
+
+
+def build_state(c, mesh: Mesh, *, train: bool = True, verbose: bool = False) -> ModelState:
+    """The config's model with fresh LoRA, split and placed on ``mesh`` (see the module docstring)."""
+    _check_init(c)
+    if c.model.init == "checkpoint":
+        model, tokens = build_model(c, mesh=mesh)
+        return place(attach_lora(model, c, train=train), c, mesh, tokens=tokens, verbose=verbose)
+    make = _random_split(c, train=train)
+    graphdef, abstract_trainable, abstract_frozen = nnx.eval_shape(make)
+    if verbose:
+        for fb in (sharding.sharding_fallbacks(abstract_trainable, mesh)
+                   + sharding.sharding_fallbacks(abstract_frozen, mesh)):
+            print(f"sharding: {fb}")
+    shardings = (sharding.state_shardings(abstract_trainable, mesh), sharding.state_shardings(abstract_frozen, mesh))
+    trainable, frozen = jax.jit(lambda: make()[1:], out_shardings=shardings)()
+    cfg, _ = _random_configs(c)
+    return ModelState(graphdef, trainable, frozen, cfg, tokens_for(c), lora_config(c))
+
+
+def restore_trained(c, checkpoint_dir: str | Path, mesh: Mesh, step: int | None = None) -> tuple[ModelState, int]:
+    """The config's model in eval mode with the trainables (adapters + heads) of a training
+    checkpoint directory (``<workdir>/checkpoints``) restored into their shardings; ``step``
+    None takes the newest. Frozen weights come from the config: the checkpoint holds only what
+    training changed. Returns (state, restored step)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    state = build_state(c, mesh, train=False)
+    ckpt = TrainCheckpointer(checkpoint_dir, keep=c.train.keep, save_every=c.train.ckpt_every)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint step in {checkpoint_dir}")
+        restored = ckpt.restore(steps[-1] if step is None else step, state.trainable)
+    finally:
+        ckpt.close()
+    state.trainable = restored.trainables
+    saved, given = restored.config, json.loads(json.dumps(c.to_dict()))
+    drift = [f"{section}.{k}" for section in ("model", "lora") for k in sorted(given.get(section, {}))
+             if k in saved.get(section, {}) and saved[section][k] != given[section][k]]
+    if drift:
+        logging.warning("config differs from the one step %d was trained with: %s", restored.step,
+                        ", ".join(drift))
+    return state, restored.step

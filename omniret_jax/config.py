@@ -1,0 +1,303 @@
+"""The bottom layer: configuration dataclasses that both ``data/`` (host) and ``model/`` (device) read.
+
+- ``Precision``: the one mixed-precision policy (compute, trainable-parameter and
+  frozen-parameter dtypes), named once in a config and honoured by every loader.
+- ``ThinkerConfig`` (text, vision, audio towers and token ids), read from a Hugging Face
+  ``config.json``: the full Qwen2.5-Omni config (``thinker_config`` nested inside), a
+  thinker-only config or a WAVE config built on either. Unknown towers or missing fields
+  fail with the field named.
+- ``BEATsConfig`` (WAVE's second audio encoder) and ``EmbedConfig`` (how the seven
+  embedding paths are laid out: lengths, prompts, pooling switches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str):
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """Mixed-precision policy: activations, trained parameters, frozen parameters.
+
+    ``trainable`` covers what the optimizer updates (LoRA adapters, WAVE's fusion head and
+    BEATs adaptor); ``frozen`` every other weight (the backbone, the towers, BEATs), which
+    bfloat16 halves in memory. Loaders store each parameter in its dtype directly.
+    """
+    compute: Any = jnp.float32
+    trainable: Any = jnp.float32
+    frozen: Any = jnp.float32
+
+    @classmethod
+    def from_names(cls, compute: str = "float32", trainable: str = "float32", frozen: str = "float32"
+                   ) -> "Precision":
+        return cls(dtype_from_name(compute), dtype_from_name(trainable), dtype_from_name(frozen))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    hidden_act: str = "silu"
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    rope_theta: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioConfig:
+    num_mel_bins: int = 128
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    d_model: int = 1280
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
+    max_source_positions: int = 1500
+    n_window: int = 100
+    output_dim: int = 3584
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkerConfig:
+    text: TextConfig = TextConfig()
+    vision: VisionConfig = VisionConfig()
+    audio: AudioConfig = AudioConfig()
+    audio_token_id: int = 151646
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    audio_start_token_id: int = 151647
+    audio_end_token_id: int = 151648
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    position_id_per_seconds: int = 25
+    seconds_per_chunk: int = 2
+    precision: Precision = Precision()
+
+    def replace(self, **kw) -> "ThinkerConfig":
+        return dataclasses.replace(self, **kw)
+
+    # -- Hugging Face config.json -------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict, *, precision: Precision = Precision()) -> "ThinkerConfig":
+        if "thinker_config" in d:
+            d = d["thinker_config"]
+        for key in ("text_config", "vision_config", "audio_config"):
+            if key not in d:
+                raise ValueError(f"config has no {key!r}: not a Qwen2.5-Omni thinker config "
+                                 f"(model_type={d.get('model_type')!r})")
+        t, v, a = d["text_config"], d["vision_config"], d["audio_config"]
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        text = TextConfig(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+            intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+            num_attention_heads=t["num_attention_heads"],
+            num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+            head_dim=t.get("head_dim"), hidden_act=t.get("hidden_act", "silu"),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1e6))),
+            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+        if t.get("use_sliding_window"):
+            raise ValueError("text_config.use_sliding_window=True is not supported (Qwen2.5-Omni uses full attention)")
+        vrope = v.get("rope_parameters") or {}
+        vision = VisionConfig(
+            depth=v["depth"], hidden_size=v["hidden_size"], hidden_act=v.get("hidden_act", "silu"),
+            intermediate_size=v["intermediate_size"], num_heads=v["num_heads"],
+            in_channels=v.get("in_channels", 3), patch_size=v.get("patch_size", 14),
+            spatial_merge_size=v.get("spatial_merge_size", 2),
+            temporal_patch_size=v.get("temporal_patch_size", 2), window_size=v.get("window_size", 112),
+            out_hidden_size=v.get("out_hidden_size", t["hidden_size"]),
+            fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+            rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        )
+        audio = AudioConfig(
+            num_mel_bins=a.get("num_mel_bins", 128), encoder_layers=a["encoder_layers"],
+            encoder_attention_heads=a["encoder_attention_heads"], encoder_ffn_dim=a["encoder_ffn_dim"],
+            d_model=a["d_model"], activation_function=a.get("activation_function", "gelu"),
+            scale_embedding=bool(a.get("scale_embedding", False)),
+            max_source_positions=a.get("max_source_positions", 1500), n_window=a.get("n_window", 100),
+            output_dim=a.get("output_dim", t["hidden_size"]),
+        )
+        return cls(
+            text=text, vision=vision, audio=audio,
+            audio_token_id=d.get("audio_token_index", d.get("audio_token_id", 151646)),
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 151655)),
+            video_token_id=d.get("video_token_index", d.get("video_token_id", 151656)),
+            audio_start_token_id=d.get("audio_start_token_id", 151647),
+            audio_end_token_id=d.get("audio_end_token_id", 151648),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            position_id_per_seconds=d.get("position_id_per_seconds", 25),
+            seconds_per_chunk=d.get("seconds_per_chunk", 2),
+            precision=precision,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw) -> "ThinkerConfig":
+        path = Path(path)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"no config.json at {cfg_file}")
+        return cls.from_hf_dict(json.loads(cfg_file.read_text()), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class BEATsConfig:
+    """Field names follow the unilm ``BEATsConfig``; defaults are BEATs iter3+."""
+
+    input_patch_size: int = 16
+    embed_dim: int = 512
+    conv_bias: bool = False
+    encoder_layers: int = 12
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    activation_fn: str = "gelu"
+    layer_norm_first: bool = False
+    deep_norm: bool = True
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    relative_position_embedding: bool = True
+    num_buckets: int = 320
+    max_distance: int = 800
+    gru_rel_pos: bool = True
+    finetuned_model: bool = False
+    predictor_class: int = 527
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"BEATsConfig: {msg}")
+
+        for name in ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim",
+                     "encoder_ffn_embed_dim", "encoder_attention_heads", "conv_pos", "conv_pos_groups"):
+            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+        need(not self.layer_norm_first,
+             "layer_norm_first=True (pre-LN BEATs) is not supported; iter3+ is post-LN")
+        need(self.activation_fn in ("gelu", "relu"),
+             f"activation_fn={self.activation_fn!r} is not supported (gelu, relu)")
+        need(self.encoder_embed_dim % self.encoder_attention_heads == 0,
+             f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by "
+             f"encoder_attention_heads={self.encoder_attention_heads}")
+        need(self.encoder_embed_dim % self.conv_pos_groups == 0,
+             f"encoder_embed_dim={self.encoder_embed_dim} is not divisible by "
+             f"conv_pos_groups={self.conv_pos_groups}")
+        if self.relative_position_embedding:
+            half = self.num_buckets // 2
+            need(half >= 2 and self.max_distance > half // 2,
+                 f"num_buckets={self.num_buckets} / max_distance={self.max_distance} give an empty "
+                 "log-spaced bucket range")
+        need(not self.gru_rel_pos or self.relative_position_embedding,
+             "gru_rel_pos=True needs relative_position_embedding=True")
+
+    @property
+    def head_dim(self) -> int:
+        return self.encoder_embed_dim // self.encoder_attention_heads
+
+    @property
+    def deep_norm_alpha(self) -> float:
+        return math.pow(2 * self.encoder_layers, 0.25) if self.deep_norm else 1.0
+
+    @classmethod
+    def from_unilm_dict(cls, cfg: Mapping[str, Any]) -> "BEATsConfig":
+        """Build from the ``cfg`` entry of a unilm checkpoint.
+
+        Every architecture key must be present (unilm's own defaults differ from
+        iter3+, so a silent default would change the model); dropout and
+        gradient-decay keys are accepted and ignored; anything else is an error.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"BEATs cfg must be a dict, got {type(cfg).__name__}")
+        optional = {"predictor_class"}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - fields - _TRAINING_ONLY_KEYS)
+        if unknown:
+            raise ValueError(f"unknown BEATs cfg keys {unknown}")
+        missing = sorted(fields - optional - set(cfg))
+        if missing:
+            raise ValueError(f"BEATs cfg lacks keys {missing}")
+        return cls(**{k: v for k, v in cfg.items() if k in fields})
+
+
+# unilm cfg entries that only matter for training.
+_TRAINING_ONLY_KEYS = frozenset({
+    "dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input",
+    "layer_wise_gradient_decay_ratio", "predictor_dropout",
+})
+
+
+# ----------------------------------------------------------------------------- embedding paths
+
+# The seven inputs OmniRetriever embeds: text, video, audio and their mixes.
+PATHS = ("T", "V", "A", "AV", "TV", "TA", "TVA")
+
+
+def check_paths(paths: Sequence[str]) -> tuple[str, ...]:
+    bad = [p for p in paths if p not in PATHS]
+    if bad or not paths:
+        raise ValueError(f"unknown embedding path(s) {bad or list(paths)}; valid: {', '.join(PATHS)}")
+    return tuple(dict.fromkeys(paths))
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    text_len: int = 64            # padded length of the text path
+    seq_len: int = 512            # padded length of every media path
+    video_prompt: str = "Please describe the video."
+    audio_prompt: str = "Please describe the audio."
+    av_prompt: str = "Please describe the video and the audio."
+    text_fusion_head: bool = False
+    audio_in_video: bool = False  # interleave a clip's audio into its video block (processor's use_audio_in_video)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewPlan:
+    """Which embeddings a train step computes: paths of the anchor view, paths of the augmented
+    view, and whether the hard-negative tuple (a TVA pass) is needed (``losses.needed_views``)."""
+    anchor: tuple[str, ...]
+    aug: tuple[str, ...] = ()
+    negative: bool = False

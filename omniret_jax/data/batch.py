@@ -1,0 +1,215 @@
+"""Assembling a batch's device inputs on the host: token layouts of every path, merge indices, negatives.
+
+From one pipeline batch (``omniret_jax.data.pipeline``) this builds the fixed-shape arrays
+of ``omniret_jax.inputs``: for each embedding path the padded token ids, M-RoPE position ids
+(``layout.rope_index``), merge indices (which tower output each placeholder takes) and the
+pooled index; the vision tower's ``VisionLayout``; and for a train step the augmented view
+and the hard-negative tuple, whose rows are drawn here with NumPy (a derangement of the
+global batch, one slot per step: text, audio, video, cycling).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Sequence
+
+import numpy as np
+
+from omniret_jax.config import EmbedConfig, ThinkerConfig, ViewPlan, check_paths
+from omniret_jax.data.layout import Audio, Video, audio_output_lengths, batch_media, expand_turn, pad_batch, rope_index
+from omniret_jax.data.tokens import Tokens
+from omniret_jax.data.vision_layout import vision_layout
+from omniret_jax.inputs import AUDIO, IMAGE, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
+
+# Keys whose first axis (or list length) is the batch, in the order they are trusted.
+_ROW_KEYS = ("caption", "video_grid_thw", "mel_len", "video_patches", "mel", "fbank")
+_SLOTS = ("text", "audio", "video")
+
+
+def batch_rows(batch: dict) -> int:
+    """Rows of a pipeline batch, read from its declared per-row keys (never from dict order,
+    which grain's worker processes change); every such key must agree."""
+    sizes = {k: len(batch[k]) for k in _ROW_KEYS if k in batch}
+    if not sizes:
+        raise KeyError(f"batch has none of the per-row keys {_ROW_KEYS}; got keys {sorted(batch)}")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch keys disagree on the number of rows: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def merge_indices(input_ids: np.ndarray, cfg: ThinkerConfig,
+                  n_valid: dict[int, Sequence[int]], capacity: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side: (source [B, S] in {TEXT, IMAGE, VIDEO, AUDIO}, index [B, S]).
+
+    A modality's tower output is [R, capacity, D] (R rows, each padded) with
+    ``n_valid[kind][r]`` real features in row r. Like ``masked_scatter``, the
+    placeholders of that modality, read row-major over the batch, take the real
+    features in order; ``index`` points into the flattened [R * capacity] array.
+    """
+    ids = np.asarray(input_ids)
+    source = np.full(ids.shape, TEXT, np.int32)
+    index = np.zeros(ids.shape, np.int32)
+    tokens = {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id, AUDIO: cfg.audio_token_id}
+    names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+    for kind, token in tokens.items():
+        hit = ids == token
+        counts = np.asarray(n_valid.get(kind, ()), np.int64)
+        if hit.sum() != counts.sum():
+            raise ValueError(f"{int(hit.sum())} {names[kind]} placeholder tokens in the batch but "
+                             f"{int(counts.sum())} {names[kind]} features (valid counts per row: {counts.tolist()})")
+        if not hit.any():
+            continue
+        if (counts > capacity[kind]).any():
+            raise ValueError(f"{names[kind]} valid counts {counts.tolist()} exceed the tower capacity {capacity[kind]}")
+        flat = np.concatenate([r * capacity[kind] + np.arange(n) for r, n in enumerate(counts)])
+        source[hit] = kind
+        index[hit] = flat
+    return source, index
+
+
+def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
+            wave_doubled_audio: bool = True) -> EmbedInputs:
+    """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
+
+    ``batch`` holds (as produced by omniret_jax.data.pipeline): ``caption`` (list
+    of str), ``video_patches`` [B, P, F], ``video_grid_thw`` [B, 3],
+    ``video_second_per_grid`` [B], ``mel`` [B, n_mels, T], ``mel_len`` [B],
+    ``fbank`` [B, T_b, 128], ``fbank_len`` [B]; only the modalities the paths use
+    are required.
+    """
+    paths = check_paths(paths)
+    need_v = any("V" in p for p in paths)
+    need_a = any("A" in p for p in paths)
+    need_t = any("T" in p for p in paths)
+    for key, needed in (("video_patches", need_v), ("video_grid_thw", need_v), ("video_second_per_grid", need_v),
+                        ("mel", need_a), ("mel_len", need_a), ("caption", need_t)):
+        if needed and key not in batch:
+            raise KeyError(f"paths {paths} need batch[{key!r}]")
+    if wave_doubled_audio and need_a and "fbank" not in batch:
+        raise KeyError("the WAVE audio path needs batch['fbank'] and batch['fbank_len'] for BEATs")
+    b = batch_rows(batch)
+    captions = None
+    if need_t:
+        captions = []
+        for i, c in enumerate(batch["caption"]):
+            ids = tokens.encode(c) if isinstance(c, str) else []
+            if not ids:
+                raise ValueError(f"sample {i}: empty caption, but paths {paths} embed text")
+            captions.append(list(ids))
+
+    out = EmbedInputs(paths={})
+    n_valid, capacity = {}, {}
+    if need_v:
+        patches = np.asarray(batch["video_patches"], np.float32)
+        grids = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
+        out.video_patches = patches
+        out.video_layout = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
+        unit = model_cfg.vision.spatial_merge_size ** 2
+        n_valid[VIDEO] = [int(np.prod(g)) // unit for g in grids]
+        capacity[VIDEO] = patches.shape[1] // unit
+    if need_a:
+        mel = np.asarray(batch["mel"], np.float32)
+        mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
+        out.mel, out.mel_lens = mel, mel_lens
+        n_w = audio_output_lengths(mel_lens)
+        n_valid[AUDIO] = list(2 * n_w) if wave_doubled_audio else list(n_w)
+        capacity[AUDIO] = mel.shape[-1] // 4 * (2 if wave_doubled_audio else 1)
+        if wave_doubled_audio:
+            fbank = np.asarray(batch["fbank"], np.float32)
+            t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
+            lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
+            out.fbank = fbank[:, :t_b]
+            out.fbank_padding = np.arange(t_b)[None, :] >= lens[:, None]
+
+    for path in paths:
+        rows = []
+        for i in range(b):
+            if path == "T":
+                rows.append(expand_turn([], captions[i] + [tokens.im_end_id], model_cfg))
+                continue
+            media = []
+            if "V" in path:
+                video = Video(tuple(int(x) for x in batch["video_grid_thw"][i]),
+                              float(batch["video_second_per_grid"][i]),
+                              int(batch["mel_len"][i]) if ("A" in path and ecfg.audio_in_video) else None)
+                media.append(video)
+            if "A" in path and not ("V" in path and ecfg.audio_in_video):
+                media.append(Audio(int(batch["mel_len"][i])))
+            if "T" in path:
+                prompt = captions[i]
+            else:
+                prompt = tokens.encode({"V": ecfg.video_prompt, "A": ecfg.audio_prompt,
+                                        "AV": ecfg.av_prompt}[path])
+            rows.append(expand_turn(media, list(prompt) + [tokens.im_end_id], model_cfg,
+                                    wave_doubled_audio=wave_doubled_audio))
+        length = ecfg.text_len if path == "T" else ecfg.seq_len
+        padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
+                           names=[f"sample {i} ({path} path)" for i in range(b)])
+        pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
+        kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
+        source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity)
+        out.paths[path] = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source,
+                                     index, padded.last_index)
+    return out
+
+
+# ----------------------------------------------------------------------------- train step
+
+def hard_negative_slot(step) -> str:
+    """The slot the step's hard negative shuffles: text, audio, video, text, ... (period 3)."""
+    step = operator.index(step)
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    return _SLOTS[step % 3]
+
+
+def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A uniformly random permutation of range(n) with no fixed point, int32 [n].
+
+    Rejection sampling of uniform permutations is exactly uniform over derangements and
+    needs e ~ 2.72 draws on average.
+    """
+    if n < 2:
+        raise ValueError(f"batch too small for a derangement: n={n} (need n >= 2)")
+    identity = np.arange(n)
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == identity):
+            return perm.astype(np.int32)
+
+
+def negative_rows(step: int, batch_size: int, seed: int) -> np.ndarray:
+    """[3, B] rows (text, video, audio) of each sample's hard-negative tuple in the global batch.
+
+    The step's slot is shuffled by a derangement drawn from (seed, step) alone, so every
+    process draws the same one; the other slots stay the sample's own.
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch of {batch_size} is too small for a derangement (hard negatives need >= 2)")
+    perm = derangement(np.random.default_rng([seed, step]), batch_size)
+    rows = np.tile(np.arange(batch_size), (3, 1))
+    rows[{"text": 0, "video": 1, "audio": 2}[hard_negative_slot(step)]] = perm
+    return rows
+
+
+def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Tokens, ecfg: EmbedConfig,
+                 plan: ViewPlan, *, seed: int) -> TrainInputs:
+    """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
+    plan has an augmented view); ``plan`` says which paths the losses read."""
+    out = TrainInputs(anchor=prepare(batch, plan.anchor, model_cfg, tokens, ecfg))
+    if plan.aug:
+        if "aug" not in batch:
+            raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
+        out.aug = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg)
+    if plan.negative:
+        rows = negative_rows(step, batch_rows(batch), seed)
+        t, v, a = rows
+        swapped = dict(batch)
+        swapped["caption"] = [batch["caption"][i] for i in t]
+        for key in ("video_patches", "video_grid_thw", "video_second_per_grid"):
+            swapped[key] = np.asarray(batch[key])[v]
+        for key in ("mel", "mel_len", "fbank", "fbank_len"):
+            swapped[key] = np.asarray(batch[key])[a]
+        out.neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
+        out.neg_rows = rows.T.astype(np.int32)
+    return out
