@@ -3,6 +3,11 @@
 ``omniret_jax.data`` fills these containers with NumPy arrays; ``omniret_jax.model`` reads
 them under jit. They are pytrees (every array field is a leaf, batch-first so every input
 shards on axis 0), so a whole step's inputs cross ``jax.jit`` and ``device_put`` as one tree.
+
+The field annotations are the shape contract (jaxtyping: names shared by the fields of one
+container must agree). Constructing a container checks it when a type checker is installed
+(the test suite installs beartype through jaxtyping's hook); JAX's transforms rebuild the
+containers with tracers, shardings or abstract values without going through ``__init__``.
 """
 
 from __future__ import annotations
@@ -10,12 +15,35 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
 
 # Where a token's input embedding comes from (``PathInputs.source``).
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
+# Host (NumPy, as built by omniret_jax.data) or device arrays.
+Arr = np.ndarray | Array
 
-@jax.tree_util.register_dataclass
+
+def _pytree(cls):
+    """Register a dataclass as a pytree (every field a child) whose unflatten skips ``__init__``."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten_with_keys(x):
+        return tuple((jax.tree_util.GetAttrKey(n), getattr(x, n)) for n in names), None
+
+    def unflatten(_, children):
+        obj = object.__new__(cls)
+        for n, v in zip(names, children):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten,
+                                            flatten_func=lambda x: (tuple(getattr(x, n) for n in names), None))
+    return cls
+
+
+@_pytree
 @dataclasses.dataclass(frozen=True)
 class VisionLayout:
     """Index arrays for one padded batch; U = P // spatial_merge_size**2 merge units.
@@ -30,44 +58,44 @@ class VisionLayout:
                    in both orders, so one mask serves both.
     """
 
-    window_index: jax.Array
-    inverse_index: jax.Array
-    position_ids: jax.Array
-    full_segments: jax.Array
-    window_segments: jax.Array
-    valid: jax.Array
+    window_index: Int[Arr, "b u"]
+    inverse_index: Int[Arr, "b u"]
+    position_ids: Int[Arr, "b p 2"]
+    full_segments: Int[Arr, "b p"]
+    window_segments: Int[Arr, "b p"]
+    valid: Bool[Arr, "b p"]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@_pytree
+@dataclasses.dataclass(frozen=True)
 class PathInputs:
     """One LLM pass (one embedding path) over a batch of rows."""
-    input_ids: jax.Array       # [B, S]
-    attention_mask: jax.Array  # [B, S]
-    position_ids: jax.Array    # [B, 3, S] M-RoPE (t, h, w) positions
-    source: jax.Array          # [B, S] TEXT / IMAGE / VIDEO / AUDIO
-    index: jax.Array           # [B, S] row of the flattened tower output a media token takes
-    last_index: jax.Array      # [B] the pooled (last real) token
+    input_ids: Int[Arr, "b s"]
+    attention_mask: Int[Arr, "b s"]
+    position_ids: Int[Arr, "b 3 s"]    # M-RoPE (t, h, w) positions
+    source: Int[Arr, "b s"]            # TEXT / IMAGE / VIDEO / AUDIO
+    index: Int[Arr, "b s"]             # row of the flattened tower output a media token takes
+    last_index: Int[Arr, "b"]          # the pooled (last real) token
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@_pytree
+@dataclasses.dataclass(frozen=True)
 class EmbedInputs:
     """Every path of one view of a batch plus the tower inputs they share."""
     paths: dict[str, PathInputs]
-    video_patches: jax.Array | None = None    # [B, P, C*Tp*p*p]
+    video_patches: Float[Arr, "b p f"] | None = None     # f = C * Tp * patch**2
     video_layout: VisionLayout | None = None
-    mel: jax.Array | None = None              # [B, n_mels, T]
-    mel_lens: jax.Array | None = None         # [B]
-    fbank: jax.Array | None = None            # [B, T_b, 128], T_b a multiple of 16
-    fbank_padding: jax.Array | None = None    # [B, T_b] True = padded frame
+    mel: Float[Arr, "b m t"] | None = None               # Whisper log-mel
+    mel_lens: Int[Arr, "b"] | None = None
+    fbank: Float[Arr, "b tb nf"] | None = None           # BEATs fbank, tb a multiple of 16
+    fbank_padding: Bool[Arr, "b tb"] | None = None       # True = padded frame
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
+@_pytree
+@dataclasses.dataclass(frozen=True)
 class TrainInputs:
     """One train step: the anchor view, the augmented view, the hard-negative tuple."""
     anchor: EmbedInputs
     aug: EmbedInputs | None = None
-    neg: PathInputs | None = None      # TVA layout of the hard-negative tuple
-    neg_rows: jax.Array | None = None  # [B, 3]: text / video / audio source row of each negative
+    neg: PathInputs | None = None             # TVA layout of the hard-negative tuple
+    neg_rows: Int[Arr, "b 3"] | None = None   # text / video / audio source row of each negative

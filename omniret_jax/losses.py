@@ -12,10 +12,17 @@ from __future__ import annotations
 import dataclasses
 import operator
 
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
 
 from omniret_jax.config import ViewPlan
+
+# Embeddings arrive as jax arrays (the step) or NumPy arrays (evaluation, tests).
+Embeddings = Array | np.ndarray
 
 MODALITIES = ("T", "V", "A")
 TERMS = ("L_A", "L_D", "L_T")
@@ -50,7 +57,7 @@ class LossConfig:
     """
 
     recipe: str = "paper"
-    terms: tuple[str, ...] = TERMS
+    terms: Sequence[str] = TERMS   # stored as a tuple in canonical order
     l_A: float = 1.0
     l_D: float = 1.0
     l_T: float = 1.0
@@ -143,7 +150,9 @@ def _as_f32(name, a, like=None):
     return a.astype(jnp.float32)
 
 
-def info_nce(x, y, *, temperature, extra_negatives=None, shared_negatives=None):
+def info_nce(x: Float[Embeddings, "b d"], y: Float[Embeddings, "b d"], *, temperature: float,
+             extra_negatives: Float[Embeddings, "b k d"] | None = None,
+             shared_negatives: Float[Embeddings, "m d"] | None = None) -> Float[Array, ""]:
     """0.5 * [CE(x -> y) + CE(y -> x)] with the in-batch positives on the diagonal.
 
     x, y: [B, D]. extra_negatives [B, K, D]: per-anchor hard negatives; row i of *both*
@@ -215,7 +224,8 @@ def _tuple_loss(e, cfg: LossConfig):
     return _nce_from_sims(_cross_modal_sims(anchor, positive), s_xn, s_yn, cfg.temperature)
 
 
-def compute_losses(emb: dict[str, jax.Array], step, cfg: LossConfig):
+def compute_losses(emb: Mapping[str, Embeddings], step, cfg: LossConfig
+                   ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """Total loss and per-term metrics for one step (jit-able; `step` may be traced).
 
     emb keys, all [B, D], L2-normalised, global batch:

@@ -12,6 +12,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 import torch
 from flax import nnx
 
@@ -177,7 +178,7 @@ def test_bad_inputs_raise(tower):
         tower(mel, jnp.array([400, 401]))
     with pytest.raises(ValueError, match=r"feature_lens\[0\]=0"):
         tower(mel, np.array([0, 5]))
-    with pytest.raises(ValueError, match="feature_lens must have shape"):
+    with pytest.raises((ValueError, TypeCheckError), match="feature_lens"):  # the shape contract names it
         tower(mel, jnp.array([5]))
     with pytest.raises(ValueError, match="mel must be"):
         tower(jnp.zeros((2, 80, 400)), jnp.array([5, 5]))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omniret_jax.data.batch import derangement, hard_negative_slot
@@ -360,5 +361,6 @@ def test_missing_keys_and_bad_shapes():
     bad = dict(emb, TVA_aug=emb["TVA_aug"][:-1])
     with pytest.raises(ValueError, match="TVA_aug"):
         compute_losses(bad, 0, LossConfig())
-    with pytest.raises(ValueError, match="extra_negatives"):
+    # The shape contract (jaxtyping, checked in the test suite) or the function's own check names it.
+    with pytest.raises((ValueError, TypeCheckError), match="extra_negatives"):
         info_nce(emb["T"], emb["V"], temperature=0.01, extra_negatives=emb["A"])

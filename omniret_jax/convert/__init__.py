@@ -1,0 +1,1 @@
+"""Every weight loader and writer: key maps per checkpoint layout, safetensors streaming, PEFT, orbax."""

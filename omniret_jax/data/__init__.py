@@ -1,0 +1,1 @@
+"""Host side: manifest, decoding, features, augmentations, token layouts and batches (NumPy, grain); never imports model/."""

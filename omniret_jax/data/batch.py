@@ -11,7 +11,7 @@ global batch, one slot per step: text, audio, video, cycling).
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -37,8 +37,8 @@ def batch_rows(batch: dict) -> int:
     return next(iter(sizes.values()))
 
 
-def merge_indices(input_ids: np.ndarray, cfg: ThinkerConfig,
-                  n_valid: dict[int, Sequence[int]], capacity: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def merge_indices(input_ids: np.ndarray, cfg: ThinkerConfig, n_valid: Mapping[int, Sequence | np.ndarray],
+                  capacity: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: (source [B, S] in {TEXT, IMAGE, VIDEO, AUDIO}, index [B, S]).
 
     A modality's tower output is [R, capacity, D] (R rows, each padded) with
@@ -97,20 +97,20 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
                 raise ValueError(f"sample {i}: empty caption, but paths {paths} embed text")
             captions.append(list(ids))
 
-    out = EmbedInputs(paths={})
+    towers: dict = {}
     n_valid, capacity = {}, {}
     if need_v:
         patches = np.asarray(batch["video_patches"], np.float32)
         grids = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
-        out.video_patches = patches
-        out.video_layout = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
+        towers["video_patches"] = patches
+        towers["video_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
         unit = model_cfg.vision.spatial_merge_size ** 2
         n_valid[VIDEO] = [int(np.prod(g)) // unit for g in grids]
         capacity[VIDEO] = patches.shape[1] // unit
     if need_a:
         mel = np.asarray(batch["mel"], np.float32)
         mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
-        out.mel, out.mel_lens = mel, mel_lens
+        towers["mel"], towers["mel_lens"] = mel, mel_lens
         n_w = audio_output_lengths(mel_lens)
         n_valid[AUDIO] = list(2 * n_w) if wave_doubled_audio else list(n_w)
         capacity[AUDIO] = mel.shape[-1] // 4 * (2 if wave_doubled_audio else 1)
@@ -118,9 +118,10 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
             fbank = np.asarray(batch["fbank"], np.float32)
             t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
             lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
-            out.fbank = fbank[:, :t_b]
-            out.fbank_padding = np.arange(t_b)[None, :] >= lens[:, None]
+            towers["fbank"] = fbank[:, :t_b]
+            towers["fbank_padding"] = np.arange(t_b)[None, :] >= lens[:, None]
 
+    layouts = {}
     for path in paths:
         rows = []
         for i in range(b):
@@ -148,9 +149,9 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
         kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
         source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity)
-        out.paths[path] = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source,
-                                     index, padded.last_index)
-    return out
+        layouts[path] = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source,
+                                   index, padded.last_index)
+    return EmbedInputs(paths=layouts, **towers)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -196,11 +197,12 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
                  plan: ViewPlan, *, seed: int) -> TrainInputs:
     """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
     plan has an augmented view); ``plan`` says which paths the losses read."""
-    out = TrainInputs(anchor=prepare(batch, plan.anchor, model_cfg, tokens, ecfg))
+    anchor = prepare(batch, plan.anchor, model_cfg, tokens, ecfg)
+    aug = neg = neg_rows = None
     if plan.aug:
         if "aug" not in batch:
             raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
-        out.aug = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg)
+        aug = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg)
     if plan.negative:
         rows = negative_rows(step, batch_rows(batch), seed)
         t, v, a = rows
@@ -210,6 +212,6 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
             swapped[key] = np.asarray(batch[key])[v]
         for key in ("mel", "mel_len", "fbank", "fbank_len"):
             swapped[key] = np.asarray(batch[key])[a]
-        out.neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
-        out.neg_rows = rows.T.astype(np.int32)
-    return out
+        neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
+        neg_rows = rows.T.astype(np.int32)
+    return TrainInputs(anchor=anchor, aug=aug, neg=neg, neg_rows=neg_rows)

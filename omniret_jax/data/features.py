@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import librosa
 import numpy as np
 from PIL import Image
 
@@ -112,30 +113,11 @@ def vision_patches(
 # --------------------------------------------------------------------------------------
 
 
-def _hz_to_mel_slaney(f):
-    f = np.asarray(f, dtype=np.float64)
-    linear = 3.0 * f / 200.0
-    log_part = 15.0 + 27.0 * np.log(np.maximum(f, 1e-10) / 1000.0) / math.log(6.4)
-    return np.where(f >= 1000.0, log_part, linear)
-
-
-def _mel_to_hz_slaney(m):
-    m = np.asarray(m, dtype=np.float64)
-    linear = 200.0 * m / 3.0
-    log_part = 1000.0 * np.exp(math.log(6.4) * (m - 15.0) / 27.0)
-    return np.where(m >= 15.0, log_part, linear)
-
-
-def slaney_mel_filters(n_mels: int, n_fft: int, sr: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
-    """Slaney-scale, area-normalised triangular filters ``[n_fft // 2 + 1, n_mels]`` (Whisper's bank)."""
-    fmax = sr / 2 if fmax is None else fmax
-    edges = _mel_to_hz_slaney(np.linspace(_hz_to_mel_slaney(fmin), _hz_to_mel_slaney(fmax), n_mels + 2))
-    bins = np.linspace(0.0, sr / 2, n_fft // 2 + 1)
-    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]
-    rising = (bins[:, None] - lo) / (mid - lo)
-    falling = (hi - bins[:, None]) / (hi - mid)
-    tri = np.maximum(0.0, np.minimum(rising, falling))
-    return tri * (2.0 / (hi - lo))
+def slaney_mel_filters(n_mels: int, n_fft: int, sr: int) -> np.ndarray:
+    """Whisper's filter bank ``[n_fft // 2 + 1, n_mels]``: librosa's Slaney-scale, area-normalised
+    triangles over 0 .. sr/2 (what Whisper itself builds its bank with)."""
+    return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=sr / 2, htk=False,
+                               norm="slaney", dtype=np.float64).T
 
 
 _MEL_CACHE: dict = {}

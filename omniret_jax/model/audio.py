@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
 
 from omniret_jax.config import AudioConfig
+from omniret_jax.inputs import Arr
 from omniret_jax.model.layers import (AUDIO_EMBED, AUDIO_MLP, CONV, EMBED, NORM, Embed, LayerNorm, Linear,
                                       normal_init, activation, dot_product_attention, gelu_exact)
 
@@ -116,7 +118,7 @@ class AudioTower(nnx.Module):
         self.ln_post = LayerNorm(d, param_dtype=param_dtype, axes=(NORM,))
         self.proj = Linear(d, cfg.output_dim, use_bias=True, axes=(AUDIO_EMBED, EMBED), **kw)
 
-    def _check(self, mel: jax.Array, feature_lens: jax.Array) -> None:
+    def _check(self, mel: Arr, feature_lens: Arr) -> None:
         chunk = 2 * self.cfg.n_window
         if mel.ndim != 3 or mel.shape[1] != self.cfg.num_mel_bins:
             raise ValueError(f"mel must be [B, {self.cfg.num_mel_bins}, T], got shape {tuple(mel.shape)}")
@@ -132,8 +134,10 @@ class AudioTower(nnx.Module):
             if not 1 <= n <= t:
                 raise ValueError(f"feature_lens[{i}]={n} is outside [1, T={t}]")
 
-    def __call__(self, mel: jax.Array, feature_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, mel: Float[Arr, "b m t"], feature_lens: Int[Arr, "b"]
+                 ) -> tuple[Float[Array, "b n d"], Bool[Array, "b n"]]:
         self._check(mel, feature_lens)
+        mel = jnp.asarray(mel)
         cfg, dt = self.cfg, self.dtype
         b, n_mels, t = mel.shape
         n = cfg.n_window

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Bool, Float
 
 from omniret_jax.config import BEATsConfig
+from omniret_jax.inputs import Arr
 from omniret_jax.model.layers import (AUDIO_EMBED, AUDIO_MLP, CONV, HEADS, LayerNorm, Linear,
                                       activation)
 
@@ -206,8 +208,8 @@ class BEATs(nnx.Module):
             if cfg.embed_dim != cfg.encoder_embed_dim else None)
         self.encoder = Encoder(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, fbank: jax.Array, padding_mask: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, fbank: Float[Arr, "b t f"], padding_mask: Bool[Arr, "b t"] | None = None
+                 ) -> tuple[Float[Array, "b n c"], Bool[Array, "b n"]]:
         """fbank: [B, T, F], already ``(fbank - 15.41663) / (2 * 6.55582)``; T and F multiples of the
         patch size (crop T first: the torch conv drops a partial last patch).
         padding_mask: [B, T] bool, True = padded frame (unilm convention); None = all valid.
@@ -217,6 +219,7 @@ class BEATs(nnx.Module):
         unpadded clip run alone; padded tokens are set to zero.
         """
         p = self.cfg.input_patch_size
+        fbank = jnp.asarray(fbank)
         if fbank.ndim != 3 or fbank.shape[1] % p or fbank.shape[2] % p or fbank.shape[1] == 0:
             raise ValueError(f"fbank must be [B, T, F] with T, F non-zero multiples of {p}; "
                              f"got shape {fbank.shape}")

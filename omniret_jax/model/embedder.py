@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from omniret_jax.config import EmbedConfig
 from omniret_jax.inputs import AUDIO, VIDEO, EmbedInputs, PathInputs
@@ -28,7 +29,7 @@ from omniret_jax.model.thinker import MediaFeatures
 from omniret_jax.model.wave import WAVE
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: Float[Array, "b d"]) -> Float[Array, "b d"]:
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -47,7 +48,7 @@ def encode_media(model: WAVE, inputs: EmbedInputs) -> dict[int, MediaFeatures]:
 
 
 def embed_path(model: WAVE, path: str, p: PathInputs, media: dict[int, MediaFeatures],
-               ecfg: EmbedConfig) -> jax.Array:
+               ecfg: EmbedConfig) -> Float[Array, "b d"]:
     """One LLM pass: the path's tokens with its media, pooled, fused, unit-normalised (float32)."""
     used = {k: v for k, v in media.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
     _, states, _ = model(p.input_ids, p.attention_mask, jnp.swapaxes(p.position_ids, 0, 1), p.source, p.index,

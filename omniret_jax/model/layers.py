@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Bool, Float
 
 Axes = tuple[str | None, ...]
 
@@ -154,7 +155,8 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def dot_product_attention(q: Float[Array, "b sq hq d"], k: Float[Array, "b sk hkv d"], v: Float[Array, "b sk hkv d"],
+                          mask: Bool[Array, "#b #hq #sq sk"] | None) -> Float[Array, "b sq hq d"]:
     """Softmax attention with float32 softmax, GQA by head grouping.
 
     q: [B, Sq, Hq, D]; k, v: [B, Sk, Hkv, D]; mask: bool broadcastable to

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 from omniret_jax.config import TextConfig
+from omniret_jax.inputs import Arr
 from omniret_jax.model.layers import (
     EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, dot_product_attention, rotate_half,
 )
@@ -112,14 +114,16 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat = remat_name(remat)
 
-    def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
-                 *, pool_index: jax.Array | None = None):
+    def __call__(self, inputs_embeds: Float[Array, "b s d"], attention_mask: Int[Arr, "b s"],
+                 position_ids: Int[Arr, "3 b s"], *, pool_index: Int[Arr, "b"] | None = None
+                 ) -> tuple[Float[Array, "b s d"], Float[Array, "l b ..."]]:
         """Run the decoder.
 
         inputs_embeds [B, S, D]; attention_mask [B, S] (1 = real token); position_ids
         [3, B, S]. Returns (last_hidden [B, S, D], hidden_states) where hidden_states is
         [L+1, B, S, D], or [L+1, B, D] gathered at ``pool_index`` [B] when given.
         """
+        attention_mask, position_ids = jnp.asarray(attention_mask), jnp.asarray(position_ids)
         cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
         mask = causal_padding_mask(attention_mask)
 

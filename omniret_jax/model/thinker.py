@@ -15,9 +15,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 from omniret_jax.config import ThinkerConfig
-from omniret_jax.inputs import VisionLayout
+from omniret_jax.inputs import Arr, VisionLayout
 from omniret_jax.model.audio import AudioTower
 from omniret_jax.model.layers import EMBED, VOCAB, Linear
 from omniret_jax.model.text import TextModel
@@ -45,16 +46,17 @@ class Thinker(nnx.Module):
                               axes=(EMBED, VOCAB), **kw)
 
     # -- towers (frozen in every recipe: their outputs carry no gradient) --------
-    def encode_vision(self, patches: jax.Array, layout: VisionLayout) -> MediaFeatures:
+    def encode_vision(self, patches: Float[Arr, "b p f"], layout: VisionLayout) -> MediaFeatures:
         return jax.lax.stop_gradient(MediaFeatures(*self.visual(patches, layout)))
 
-    def encode_audio(self, mel: jax.Array, feature_lens: jax.Array) -> MediaFeatures:
+    def encode_audio(self, mel: Float[Arr, "b m t"], feature_lens: Int[Arr, "b"]) -> MediaFeatures:
         return jax.lax.stop_gradient(MediaFeatures(*self.audio_tower(mel, feature_lens)))
 
     # -- merge + decoder ----------------------------------------------------------
-    def input_embeddings(self, input_ids: jax.Array, source: jax.Array, index: jax.Array,
-                         media: dict[int, MediaFeatures]) -> jax.Array:
+    def input_embeddings(self, input_ids: Int[Arr, "b s"], source: Int[Arr, "b s"], index: Int[Arr, "b s"],
+                         media: dict[int, MediaFeatures]) -> Float[Array, "b s d"]:
         """Token embeddings with placeholder tokens replaced by media features."""
+        input_ids, source, index = jnp.asarray(input_ids), jnp.asarray(source), jnp.asarray(index)
         h = self.language_model.embed_tokens(input_ids)
         for kind, feats in media.items():
             f = feats.features.astype(h.dtype)
@@ -63,9 +65,10 @@ class Thinker(nnx.Module):
             h = jnp.where((source == kind)[..., None], gathered, h)
         return h
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
-                 source: jax.Array, index: jax.Array, media: dict[int, MediaFeatures] | None = None, *,
-                 pool_index: jax.Array | None = None, logits: bool = False):
+    def __call__(self, input_ids: Int[Arr, "b s"], attention_mask: Int[Arr, "b s"],
+                 position_ids: Int[Arr, "3 b s"], source: Int[Arr, "b s"], index: Int[Arr, "b s"],
+                 media: dict[int, MediaFeatures] | None = None, *, pool_index: Int[Arr, "b"] | None = None,
+                 logits: bool = False):
         """Returns (last_hidden [B,S,D], hidden_states, logits or None); see TextModel."""
         h = self.input_embeddings(input_ids, source, index, media or {})
         last, states = self.language_model(h, attention_mask, position_ids, pool_index=pool_index)

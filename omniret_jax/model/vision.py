@@ -20,9 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Bool, Float
 
 from omniret_jax.config import VisionConfig
-from omniret_jax.inputs import VisionLayout
+from omniret_jax.inputs import Arr, VisionLayout
 from omniret_jax.model.layers import (
     CONV, EMBED, VISION_EMBED, VISION_MLP, GatedMLP, Linear, RMSNorm, normal_init,
     dot_product_attention, rotate_half,
@@ -147,8 +148,10 @@ class VisionTower(nnx.Module):
             raise ValueError(f"patches shape {tuple(patches.shape)} does not match layout "
                              f"(B={b}, P={p}) and patch features {feat}: expected {(b, p, feat)}")
 
-    def __call__(self, patches: jax.Array, layout: VisionLayout) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, patches: Float[Arr, "b p f"], layout: VisionLayout
+                 ) -> tuple[Float[Array, "b u d"], Bool[Array, "b u"]]:
         self._check(patches, layout)
+        patches, layout = jnp.asarray(patches), jax.tree.map(jnp.asarray, layout)
         cfg = self.cfg
         unit = cfg.spatial_merge_size ** 2
         b, p, _ = patches.shape

@@ -18,8 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
 
 from omniret_jax.config import BEATsConfig, ThinkerConfig
+from omniret_jax.inputs import Arr
 from omniret_jax.model.beats import BEATs
 from omniret_jax.model.layers import AUDIO_EMBED, EMBED, MLP, LayerNorm, Linear, gelu_exact
 from omniret_jax.model.thinker import MediaFeatures, Thinker
@@ -57,8 +59,8 @@ class WAVE(Thinker):
         self.beats_ln, self.beats_proj, self.classify_linear = (
             heads["beats_ln"], heads["beats_proj"], heads["classify_linear"])
 
-    def encode_audio_dual(self, mel: jax.Array, feature_lens: jax.Array, fbank: jax.Array,
-                          fbank_padding: jax.Array) -> MediaFeatures:
+    def encode_audio_dual(self, mel: Float[Arr, "r m t"], feature_lens: Int[Arr, "r"],
+                          fbank: Float[Arr, "r tb nf"], fbank_padding: Bool[Arr, "r tb"]) -> MediaFeatures:
         """Interleaved Whisper/BEATs features [R, 2 * N, D] for R audios.
 
         mel [R, n_mels, T] with ``feature_lens``; fbank [R, T_b, 128] (normalised,
@@ -78,7 +80,7 @@ class WAVE(Thinker):
         feats = jnp.stack([whisper, beats], axis=2).reshape(whisper.shape[0], need, whisper.shape[-1])
         return MediaFeatures(feats, jnp.repeat(valid, 2, axis=1))
 
-    def fuse(self, states: jax.Array) -> jax.Array:
+    def fuse(self, states: Float[Array, "l1 b d"]) -> Float[Array, "b d"]:
         """Fusion head on pooled states [L+1, B, D] (entry 0, the embedding, is not used)."""
         layers = states[1:]                                                   # [L, B, D]
         x = jnp.transpose(layers, (1, 0, 2)).reshape(layers.shape[1], -1)     # layer-major concat
