@@ -6,6 +6,10 @@
   ``config.json``: the full Qwen2.5-Omni config (``thinker_config`` nested inside), a
   thinker-only config or a WAVE config built on either. Unknown towers or missing fields
   fail with the field named.
+- ``QwenVLConfig``: Qwen2.5-VL (GVE's backbone), the same decoder and ViT without the audio
+  tower and with its own temporal position rule (``tokens_per_second``). ``family`` tells the
+  two apart wherever a rule differs; ``backbone_config`` picks the class from ``model_type``.
+- ``MediaPolicy``: which media a host layout accepts (checked before anything reaches jit).
 - ``BEATsConfig`` (WAVE's second audio encoder) and ``EmbedConfig`` (how the seven
   embedding paths are laid out: lengths, prompts, pooling switches).
 """
@@ -16,7 +20,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax.numpy as jnp
 
@@ -100,8 +104,21 @@ class AudioConfig:
     output_dim: int = 3584
 
 
+class _Backbone:
+    """What both backbone configs offer besides their fields."""
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kw):
+        return cls.from_hf_dict(read_hf_config(path), **kw)
+
+
 @dataclasses.dataclass(frozen=True)
-class ThinkerConfig:
+class ThinkerConfig(_Backbone):
+    family: ClassVar[str] = "qwen2_5_omni"
+
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
     audio: AudioConfig = AudioConfig()
@@ -116,9 +133,6 @@ class ThinkerConfig:
     seconds_per_chunk: int = 2
     precision: Precision = Precision()
 
-    def replace(self, **kw) -> "ThinkerConfig":
-        return dataclasses.replace(self, **kw)
-
     # -- Hugging Face config.json -------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict, *, precision: Precision = Precision()) -> "ThinkerConfig":
@@ -129,31 +143,7 @@ class ThinkerConfig:
                 raise ValueError(f"config has no {key!r}: not a Qwen2.5-Omni thinker config "
                                  f"(model_type={d.get('model_type')!r})")
         t, v, a = d["text_config"], d["vision_config"], d["audio_config"]
-        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-        text = TextConfig(
-            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
-            intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
-            num_attention_heads=t["num_attention_heads"],
-            num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-            head_dim=t.get("head_dim"), hidden_act=t.get("hidden_act", "silu"),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1e6))),
-            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        )
-        if t.get("use_sliding_window"):
-            raise ValueError("text_config.use_sliding_window=True is not supported (Qwen2.5-Omni uses full attention)")
-        vrope = v.get("rope_parameters") or {}
-        vision = VisionConfig(
-            depth=v["depth"], hidden_size=v["hidden_size"], hidden_act=v.get("hidden_act", "silu"),
-            intermediate_size=v["intermediate_size"], num_heads=v["num_heads"],
-            in_channels=v.get("in_channels", 3), patch_size=v.get("patch_size", 14),
-            spatial_merge_size=v.get("spatial_merge_size", 2),
-            temporal_patch_size=v.get("temporal_patch_size", 2), window_size=v.get("window_size", 112),
-            out_hidden_size=v.get("out_hidden_size", t["hidden_size"]),
-            fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-            rope_theta=float(vrope.get("rope_theta", 10000.0)),
-        )
+        text = _text_from_hf(t, tie=bool(d.get("tie_word_embeddings", False)), eps=1e-6)
         audio = AudioConfig(
             num_mel_bins=a.get("num_mel_bins", 128), encoder_layers=a["encoder_layers"],
             encoder_attention_heads=a["encoder_attention_heads"], encoder_ffn_dim=a["encoder_ffn_dim"],
@@ -163,7 +153,7 @@ class ThinkerConfig:
             output_dim=a.get("output_dim", t["hidden_size"]),
         )
         return cls(
-            text=text, vision=vision, audio=audio,
+            text=text, vision=_vision_from_hf(v, t["hidden_size"]), audio=audio,
             audio_token_id=d.get("audio_token_index", d.get("audio_token_id", 151646)),
             image_token_id=d.get("image_token_index", d.get("image_token_id", 151655)),
             video_token_id=d.get("video_token_index", d.get("video_token_id", 151656)),
@@ -176,13 +166,101 @@ class ThinkerConfig:
             precision=precision,
         )
 
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig(_Backbone):
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): text decoder, vision tower, LM head.
+
+    The decoder and the ViT are the thinker's (the ViT's fused ``attn.qkv`` is a converter
+    matter); what differs is the absent audio tower and the M-RoPE rule: a video's temporal
+    index advances ``tokens_per_second * second_per_grid`` per grid, where the Omni thinker
+    uses 25 per second. The default 2 is the released 7B/3B value; a config.json without the
+    field gets transformers' dataclass default (4), as transformers would.
+    """
+    family: ClassVar[str] = "qwen2_5_vl"
+    audio: ClassVar[None] = None          # no audio tower, no audio placeholders
+    audio_token_id: ClassVar[None] = None
+
+    text: TextConfig = TextConfig()
+    vision: VisionConfig = VisionConfig()
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tokens_per_second: float = 2
+    precision: Precision = Precision()
+
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kw) -> "ThinkerConfig":
-        path = Path(path)
-        cfg_file = path / "config.json" if path.is_dir() else path
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"no config.json at {cfg_file}")
-        return cls.from_hf_dict(json.loads(cfg_file.read_text()), **kw)
+    def from_hf_dict(cls, d: dict, *, precision: Precision = Precision()) -> "QwenVLConfig":
+        """transformers 5 writes the text fields under ``text_config``; 4.x configs (the released
+        checkpoints) keep them at the top level, with ``rope_scaling`` and ``rope_theta`` there."""
+        if d.get("model_type") != "qwen2_5_vl":
+            raise ValueError(f"not a Qwen2.5-VL config: model_type={d.get('model_type')!r} (want 'qwen2_5_vl')")
+        if "vision_config" not in d:
+            raise ValueError("Qwen2.5-VL config has no 'vision_config'")
+        t, v = d.get("text_config") or d, d["vision_config"]
+        text = _text_from_hf(t, tie=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+                             eps=1e-5, outer=d)
+        return cls(
+            text=text, vision=_vision_from_hf(v, t["hidden_size"]),
+            image_token_id=d.get("image_token_id", 151655), video_token_id=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            tokens_per_second=v.get("tokens_per_second", 4),
+            precision=precision,
+        )
+
+
+# The backbones one embedder runs on; host code branches on ``cfg.family`` where their rules differ.
+BackboneConfig = ThinkerConfig | QwenVLConfig
+
+
+def read_hf_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no config.json at {cfg_file}")
+    return json.loads(cfg_file.read_text())
+
+
+def backbone_config(d: dict, *, precision: Precision = Precision()) -> BackboneConfig:
+    """The backbone config of a Hugging Face config dict: Qwen2.5-VL by ``model_type``, else the Omni thinker."""
+    cls = QwenVLConfig if d.get("model_type") == "qwen2_5_vl" else ThinkerConfig
+    return cls.from_hf_dict(d, precision=precision)
+
+
+def _text_from_hf(t: Mapping, *, tie: bool, eps: float, outer: Mapping | None = None) -> TextConfig:
+    """The decoder fields; ``eps`` is the family's transformers default for ``rms_norm_eps``.
+    ``outer`` is also searched for 4.x's top-level ``rope_scaling``/``rope_theta``."""
+    outer = outer or {}
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or outer.get("rope_scaling") or {}
+    if t.get("use_sliding_window"):
+        raise ValueError("text_config.use_sliding_window=True is not supported (Qwen2.5 uses full attention)")
+    return TextConfig(
+        vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+        head_dim=t.get("head_dim"), hidden_act=t.get("hidden_act", "silu"),
+        rms_norm_eps=t.get("rms_norm_eps", eps),
+        rope_theta=float(rope.get("rope_theta", t.get("rope_theta", outer.get("rope_theta", 1e6)))),
+        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        tie_word_embeddings=tie,
+    )
+
+
+def _vision_from_hf(v: Mapping, text_hidden: int) -> VisionConfig:
+    vrope = v.get("rope_parameters") or {}
+    return VisionConfig(
+        depth=v["depth"], hidden_size=v["hidden_size"], hidden_act=v.get("hidden_act", "silu"),
+        intermediate_size=v["intermediate_size"], num_heads=v["num_heads"],
+        in_channels=v.get("in_channels", v.get("in_chans", 3)), patch_size=v.get("patch_size", 14),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        temporal_patch_size=v.get("temporal_patch_size", 2), window_size=v.get("window_size", 112),
+        out_hidden_size=v.get("out_hidden_size", text_hidden),
+        fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +370,28 @@ class EmbedConfig:
     av_prompt: str = "Please describe the video and the audio."
     text_fusion_head: bool = False
     audio_in_video: bool = False  # interleave a clip's audio into its video block (processor's use_audio_in_video)
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaPolicy:
+    """Which media items a host layout accepts, and at most how many frames a video may have.
+
+    A video's frame count is ``grid_t * temporal_patch_size`` (the processor pads an odd count
+    by repeating the last frame). GVE's video path, for one, takes at most 8 frames of video
+    and no image; anything else is a data error reported on the host, before jit.
+    """
+    kinds: tuple[str, ...] = ("image", "video", "audio")
+    max_frames: int | None = None
+
+    def __post_init__(self):
+        bad = [k for k in self.kinds if k not in MEDIA_KINDS]
+        if bad or isinstance(self.kinds, str):
+            raise ValueError(f"MediaPolicy.kinds={self.kinds!r}: expected a tuple drawn from {MEDIA_KINDS}")
+        if self.max_frames is not None and not (isinstance(self.max_frames, int) and self.max_frames > 0):
+            raise ValueError(f"MediaPolicy.max_frames must be a positive int or None, got {self.max_frames!r}")
+
+
+MEDIA_KINDS = ("image", "video", "audio")
 
 
 @dataclasses.dataclass(frozen=True)
