@@ -1,14 +1,16 @@
-"""Tiny random Qwen2.5-Omni thinkers built with transformers, the parity oracle.
+"""Tiny random Qwen2.5-Omni thinkers and Qwen2.5-VL models built with transformers, the parity oracles.
 
 Every size is small enough for CPU, but each structural feature of the 7B model
 is exercised: GQA (4 query heads over 2 KV heads), M-RoPE sections, window and
-full-attention vision blocks, several audio chunks of ``n_window``.
+full-attention vision blocks, several audio chunks of ``n_window``. Both families
+share the tiny vocabulary's special ids.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
 
 # Token ids of the tiny vocabulary (300 entries); the real ones live in ThinkerConfig.
 AUDIO_ID, IMAGE_ID, VIDEO_ID = 290, 291, 292
@@ -39,10 +41,36 @@ def tiny_hf_config(*, vision_act: str = "silu") -> Qwen2_5OmniThinkerConfig:
     )
 
 
+def tiny_hf_vl_config(*, tokens_per_second: int = 2, tie: bool = False) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL of the thinker's tiny widths (fused vision qkv, no audio)."""
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=IM_END,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+            fullatt_block_indexes=[1], window_size=112, tokens_per_second=tokens_per_second,
+        ),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_BOS,
+        vision_end_token_id=VISION_EOS, tie_word_embeddings=tie,
+    )
+
+
 def tiny_hf_thinker(seed: int = 0, **kw) -> Qwen2_5OmniThinkerForConditionalGeneration:
     """A float32 eval-mode thinker whose weights are all random (norms included)."""
     torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_hf_config(**kw)).eval()
+    return _randomised(Qwen2_5OmniThinkerForConditionalGeneration(tiny_hf_config(**kw)).eval())
+
+
+def tiny_hf_vl(seed: int = 0, **kw) -> Qwen2_5_VLForConditionalGeneration:
+    """A float32 eval-mode Qwen2.5-VL whose weights are all random (norms included)."""
+    torch.manual_seed(seed)
+    return _randomised(Qwen2_5_VLForConditionalGeneration(tiny_hf_vl_config(**kw)).eval())
+
+
+def _randomised(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Default init leaves norms at 1 and biases at 0, which would hide

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from omniret_jax.config import EmbedConfig, ThinkerConfig, ViewPlan, check_paths
+from omniret_jax.config import BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
 from omniret_jax.data.layout import Audio, Video, audio_output_lengths, batch_media, expand_turn, pad_batch, rope_index
 from omniret_jax.data.tokens import Tokens
 from omniret_jax.data.vision_layout import vision_layout
@@ -37,7 +37,7 @@ def batch_rows(batch: dict) -> int:
     return next(iter(sizes.values()))
 
 
-def merge_indices(input_ids: np.ndarray, cfg: ThinkerConfig, n_valid: Mapping[int, Sequence | np.ndarray],
+def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[int, Sequence | np.ndarray],
                   capacity: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: (source [B, S] in {TEXT, IMAGE, VIDEO, AUDIO}, index [B, S]).
 
@@ -52,6 +52,10 @@ def merge_indices(input_ids: np.ndarray, cfg: ThinkerConfig, n_valid: Mapping[in
     tokens = {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id, AUDIO: cfg.audio_token_id}
     names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
     for kind, token in tokens.items():
+        if token is None:  # a backbone without that modality (Qwen2.5-VL: audio)
+            if n_valid.get(kind) is not None and len(n_valid[kind]):
+                raise ValueError(f"{names[kind]} features given, but the {cfg.family} backbone has no {names[kind]}")
+            continue
         hit = ids == token
         counts = np.asarray(n_valid.get(kind, ()), np.int64)
         if hit.sum() != counts.sum():

@@ -1,4 +1,4 @@
-"""Token layout of a Qwen2.5-Omni thinker turn, decided on the host with NumPy.
+"""Token layout of a Qwen2.5-Omni thinker or Qwen2.5-VL turn, decided on the host with NumPy.
 
 Everything here depends on the data (how many placeholders a clip needs, how a
 video's audio interleaves with its frames, where each token sits in M-RoPE
@@ -8,7 +8,9 @@ space), so it runs before jit and hands fixed-shape arrays to the model:
   order, then prompt token ids) becomes token ids with the start/end tokens and
   the exact placeholder counts the Hugging Face processor writes;
 * ``rope_index``: the (3, B, S) M-RoPE position ids and per-row deltas, equal to
-  transformers' ``Qwen2_5Omni*.get_rope_index``;
+  transformers' ``Qwen2_5Omni*.get_rope_index`` or, for a ``qwen2_5_vl`` config,
+  ``Qwen2_5_VLModel.get_rope_index`` (the rules differ in the temporal index, where text
+  resumes after a vision block, and the value of padded slots; see ``rope_index``);
 * padding to a fixed length with the index of each row's last real token.
 
 WAVE (architecture.md section 2) reserves two audio placeholders per Whisper
@@ -28,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from omniret_jax.config import ThinkerConfig
+from omniret_jax.config import BackboneConfig, MediaPolicy, ThinkerConfig
 
 # WAVE/OmniRetriever's processor lets a video time within this relative
 # distance of a chunk edge count as past it (guards float round-off).
@@ -170,7 +172,7 @@ def interleaved_video_audio_ids(video: Video, cfg: ThinkerConfig, *, wave_double
     return ids
 
 
-def media_ids(item: Text | Image | Video | Audio, cfg: ThinkerConfig, *, wave_doubled_audio: bool = False,
+def media_ids(item: Text | Image | Video | Audio, cfg: BackboneConfig, *, wave_doubled_audio: bool = False,
               wave_chunking: bool = False) -> list[int]:
     """Token ids of one item: text as given, media with its start/end tokens and placeholders."""
     merge = cfg.vision.spatial_merge_size
@@ -179,6 +181,8 @@ def media_ids(item: Text | Image | Video | Audio, cfg: ThinkerConfig, *, wave_do
     if isinstance(item, Image):
         n = vision_token_count(item.grid_thw, merge)
         return [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+    if cfg.audio is None and (isinstance(item, Audio) or getattr(item, "audio_mel_len", None) is not None):
+        raise ValueError(f"{item!r} carries audio, but the {cfg.family} backbone has no audio tower")
     if isinstance(item, Video):
         if item.audio_mel_len is not None:
             return interleaved_video_audio_ids(item, cfg, wave_doubled_audio=wave_doubled_audio,
@@ -191,14 +195,41 @@ def media_ids(item: Text | Image | Video | Audio, cfg: ThinkerConfig, *, wave_do
     raise ValueError(f"unknown turn item {item!r}; expected Text, Image, Video or Audio")
 
 
-def expand_turn(media: Sequence[Text | Image | Video | Audio], prompt_ids: Sequence[int], cfg: ThinkerConfig, *,
-                wave_doubled_audio: bool = False, wave_chunking: bool = False) -> TurnLayout:
+def check_media(media: Sequence[Text | Image | Video | Audio], cfg: BackboneConfig, policy: MediaPolicy) -> None:
+    """Refuse, naming the item and the value, media the policy does not accept."""
+    for i, item in enumerate(media):
+        kinds = {Image: ("image",), Audio: ("audio",), Text: ()}.get(type(item))
+        if isinstance(item, Video):
+            kinds = ("video",) if item.audio_mel_len is None else ("video", "audio")
+        refused = [k for k in kinds or () if k not in policy.kinds]
+        if refused:
+            raise ValueError(f"media item {i} is {type(item).__name__}{_grid_note(item)} but this layout accepts "
+                             f"only {', '.join(policy.kinds) or 'text'} (MediaPolicy.kinds={policy.kinds!r})")
+        if isinstance(item, Video) and policy.max_frames is not None:
+            t = _grid(item.grid_thw)[0]
+            frames = t * cfg.vision.temporal_patch_size
+            if frames > policy.max_frames:
+                raise ValueError(f"media item {i}: video grid_thw {tuple(item.grid_thw)} holds {frames} frames "
+                                 f"(grid_t {t} x temporal_patch_size {cfg.vision.temporal_patch_size}), above "
+                                 f"MediaPolicy.max_frames={policy.max_frames}")
+
+
+def _grid_note(item) -> str:
+    return f" (grid_thw {tuple(item.grid_thw)})" if hasattr(item, "grid_thw") else ""
+
+
+def expand_turn(media: Sequence[Text | Image | Video | Audio], prompt_ids: Sequence[int], cfg: BackboneConfig, *,
+                wave_doubled_audio: bool = False, wave_chunking: bool = False,
+                policy: MediaPolicy | None = None) -> TurnLayout:
     """``[media blocks in order][prompt_ids]`` with the metadata ``rope_index`` needs.
 
     ``prompt_ids`` is whatever follows the media (e.g. the tokenised prompt and
     ``<|im_end|>``); nothing is added or dropped around it. ``Text`` items put
-    text between media blocks.
+    text between media blocks. ``policy`` (checked first) limits the media kinds
+    and a video's frame count.
     """
+    if policy is not None:
+        check_media(media, cfg, policy)
     ids: list[int] = []
     images, videos, spg, audios = [], [], [], []
     for item in media:
@@ -293,6 +324,17 @@ def _video_t_values(grid_t: int, second_per_grid, pps) -> np.ndarray:
     return prod.astype(np.int64)
 
 
+def _vl_video_t_values(grid_t: int, second_per_grid, tokens_per_second) -> np.ndarray:
+    """Qwen2.5-VL's temporal index: ``trunc(arange(t) * (tokens_per_second * second_per_grid))``.
+
+    In float32, the dtype of the processor's ``second_per_grid_ts`` tensor, and in
+    transformers 5's order (the interval first). 4.52-4.57 cast ``second_per_grid`` to an
+    integer first; 5.x and 4.49 do not.
+    """
+    interval = np.float32(tokens_per_second) * np.float32(second_per_grid)
+    return (np.arange(grid_t, dtype=np.float32) * interval).astype(np.int64)
+
+
 def _run_end(toks: np.ndarray, start: int) -> int:
     """End (exclusive) of the run of equal tokens starting at ``start``."""
     diff = np.flatnonzero(toks[start:] != toks[start])
@@ -302,26 +344,32 @@ def _run_end(toks: np.ndarray, start: int) -> int:
 class _RowWalker:
     """Walks one row's real tokens segment by segment, filling (3, n) positions.
 
-    Text gets consecutive positions; each media block is placed right after the
-    largest position of what precedes it, and the token after a block continues
-    from that block's largest position + 1 (the block's last run for
-    audio-in-video, where both start tokens share a position and so do both end
-    tokens — all as transformers does).
+    Text gets consecutive positions and each media block starts at the next one.
+    Qwen2.5-Omni: the token after a block continues from that block's largest
+    position + 1 (the block's last run for audio-in-video, where both start tokens
+    share a position and so do both end tokens). Qwen2.5-VL (transformers 5): it
+    continues from the block's start + max(grid_h, grid_w) / merge, whatever the
+    temporal extent (4.x continued from the largest position + 1, as Omni does).
+    All as transformers does.
     """
 
-    def __init__(self, cfg: ThinkerConfig, queues: dict, use_audio_in_video: bool, wave_doubled_audio: bool):
+    def __init__(self, cfg: BackboneConfig, queues: dict, use_audio_in_video: bool, wave_doubled_audio: bool):
         self.cfg, self.q = cfg, queues
+        self.vl = cfg.family == "qwen2_5_vl"
         self.use_audio_in_video = use_audio_in_video
         self.audio_mult = 2 if wave_doubled_audio else 1
         self.merge = cfg.vision.spatial_merge_size
+        self.placeholder_ids = [cfg.image_token_id, cfg.video_token_id] + (
+            [] if cfg.audio_token_id is None else [cfg.audio_token_id])
 
     def positions(self, toks: np.ndarray, row: int) -> np.ndarray:
         c = self.cfg
         n = len(toks)
         out = np.empty((3, n), np.int64)
-        placeholders = np.isin(toks, [c.image_token_id, c.video_token_id, c.audio_token_id])
+        placeholders = np.isin(toks, self.placeholder_ids)
         av_start = np.zeros(n, bool)
-        av_start[:-1] = (toks[:-1] == c.vision_start_token_id) & (toks[1:] == c.audio_start_token_id)
+        if c.audio is not None:
+            av_start[:-1] = (toks[:-1] == c.vision_start_token_id) & (toks[1:] == c.audio_start_token_id)
         events = np.flatnonzero(placeholders | av_start)
         nxt, i = 0, 0
         while i < n:
@@ -368,11 +416,15 @@ class _RowWalker:
                 raise ValueError(f"row {row}: {kind} block at index {i} has {length} placeholders, "
                                  f"{kind}_grid_thw {grid} gives {want}")
             if is_image:
-                t_values = np.arange(grid[0]) * c.position_id_per_seconds
+                t_values = np.arange(grid[0]) * (1 if self.vl else c.position_id_per_seconds)
+            elif self.vl:
+                t_values = _vl_video_t_values(grid[0], self.q["spg"].next(row, "video"), c.tokens_per_second)
             else:
                 t_values = _video_t_values(grid[0], self.q["spg"].next(row, "video"), c.position_id_per_seconds)
             block = _vision_positions(grid, self.merge, t_values)
         out[:, i:end] = block + nxt
+        if self.vl:  # (no audio blocks in a VL row)
+            return end, nxt + max(grid[1], grid[2]) // self.merge
         return end, int(out[:, i:end].max()) + 1
 
     def _audio_in_video(self, toks, i, nxt, out, row):
@@ -416,13 +468,17 @@ class _RowWalker:
         return end + 2, eos + 1
 
 
-def rope_index(input_ids, attention_mask, cfg: ThinkerConfig, *, image_grid_thw=None, video_grid_thw=None,
+def rope_index(input_ids, attention_mask, cfg: BackboneConfig, *, image_grid_thw=None, video_grid_thw=None,
                audio_feature_lens=None, second_per_grid=None, use_audio_in_video: bool = False,
                wave_doubled_audio: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE position ids ``[3, B, S]`` and deltas ``[B]`` (int32), as transformers computes them.
 
-    Rows may be left-, right- or otherwise padded (``attention_mask`` 1 = real
-    token); padded slots get position 1, as in transformers. Metadata is shared by
+    The rule is the config's family's (``_RowWalker``): Qwen2.5-Omni's
+    ``Qwen2_5OmniThinkerModel.get_rope_index`` or Qwen2.5-VL's
+    ``Qwen2_5_VLModel.get_rope_index`` of transformers 5 (whose ``mm_token_type_ids``
+    this reads from the placeholder tokens). Rows may be left-, right- or otherwise
+    padded (``attention_mask`` 1 = real token); padded slots get position 1 (Omni)
+    or 0 (VL), as in transformers. Metadata is shared by
     the batch and consumed in order of appearance: ``image_grid_thw`` / ``video_grid_thw``
     ``[n, 3]``, ``second_per_grid`` ``[n_videos]``, ``audio_feature_lens`` ``[n_audios]``
     (valid mel frames; an audio-in-video track counts at its video's place). Audio
@@ -453,7 +509,7 @@ def rope_index(input_ids, attention_mask, cfg: ThinkerConfig, *, image_grid_thw=
     }
     walker = _RowWalker(cfg, queues, use_audio_in_video, wave_doubled_audio)
     batch, _ = ids.shape
-    pos = np.ones((3,) + ids.shape, np.int64)
+    pos = np.full((3,) + ids.shape, 0 if walker.vl else 1, np.int64)
     deltas = np.zeros(batch, np.int64)
     for b in range(batch):
         n = int(real[b].sum())
@@ -466,8 +522,8 @@ def rope_index(input_ids, attention_mask, cfg: ThinkerConfig, *, image_grid_thw=
         deltas[b] = row_pos.max() + 1 - n
     for q in queues.values():
         q.check_done()
-    if not has_vision:
-        # transformers' text-only branch takes the maximum over padded slots (value 1) too.
+    if not has_vision and not walker.vl:
+        # The Omni text-only branch takes the maximum over padded slots (value 1) too.
         deltas = pos.max(axis=(0, 2)) + 1 - real.sum(axis=1)
     return pos.astype(np.int32), deltas.astype(np.int32)
 
