@@ -13,18 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from omniret_jax.convert.to_flax import load_thinker
-from omniret_jax.data.layout import Audio, Image, Video, batch_media, expand_turn, pad_batch, rope_index
-from omniret_jax.data.batch import merge_indices
-from omniret_jax.data.layout import audio_output_lengths
-from omniret_jax.data.vision_layout import vision_layout
+from omniret_jax.data.layout import Audio, Image, Video, audio_output_lengths, batch_media, expand_turn, pad_batch, rope_index
 from omniret_jax.inputs import AUDIO, IMAGE, VIDEO
 from tests.hf_tiny import IM_END, tiny_hf_thinker
-
-TOL = 1e-4
-PATCH = 3 * 2 * 14 * 14
+from tests.parity import compare, flax_forward, vision_inputs, vision_items
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +28,6 @@ def models(tmp_path_factory):
     hf.save_pretrained(path)
     flax_model, _ = load_thinker(path, progress=False)
     return hf, flax_model
-
-
-@nnx.jit(static_argnames=())
-def _forward(model, input_ids, attention_mask, position_ids, source, index, vis_in, aud_in):
-    media = {}
-    for kind, (patches, layout) in vis_in.items():
-        media[kind] = model.encode_vision(patches, layout)
-    if aud_in is not None:
-        media[AUDIO] = model.encode_audio(*aud_in)
-    _, states, logits = model(input_ids, attention_mask, position_ids, source, index, media, logits=True)
-    return states, logits
 
 
 def _row(rng, media, n_prompt, cfg):
@@ -62,8 +45,7 @@ def _run(models, rows, rng, side="left"):
     meta = batch_media(layouts)
 
     # Media content, one tensor per item in reading order (= masked_scatter order).
-    images = [rng.standard_normal((int(np.prod(g)), PATCH)).astype(np.float32) for g in (meta["image_grid_thw"] if meta["image_grid_thw"] is not None else [])]
-    videos = [rng.standard_normal((int(np.prod(g)), PATCH)).astype(np.float32) for g in (meta["video_grid_thw"] if meta["video_grid_thw"] is not None else [])]
+    images, videos = vision_items(rng, meta["image_grid_thw"]), vision_items(rng, meta["video_grid_thw"])
     mel_lens = meta["audio_feature_lens"] if meta["audio_feature_lens"] is not None else np.zeros(0, int)
     mels = [rng.standard_normal((128, int(n))).astype(np.float32) for n in mel_lens]
 
@@ -97,35 +79,15 @@ def _run(models, rows, rng, side="left"):
     pos, _ = rope_index(batch.input_ids, batch.attention_mask, cfg, **meta)
     np.testing.assert_array_equal(pos, ref_pos.numpy(), err_msg="M-RoPE position ids differ")
 
-    vis_in, n_valid, capacity = {}, {}, {}
-    for kind, items, grids in ((IMAGE, images, meta["image_grid_thw"]), (VIDEO, videos, meta["video_grid_thw"])):
-        if not items:
-            continue
-        p = max(x.shape[0] for x in items)
-        patches = np.zeros((len(items), p, PATCH), np.float32)
-        for i, x in enumerate(items):
-            patches[i, : len(x)] = x
-        vis_in[kind] = (patches, vision_layout([[tuple(g)] for g in grids], p, cfg.vision))
-        n_valid[kind] = [int(np.prod(g)) // 4 for g in grids]
-        capacity[kind] = p // 4
+    vis_in, n_valid, capacity = vision_inputs(cfg, {IMAGE: (images, meta["image_grid_thw"]),
+                                                    VIDEO: (videos, meta["video_grid_thw"])})
     aud_in = None
     if mels:
         aud_in = (kw["input_features"].numpy(), np.asarray(mel_lens, np.int32))
         n_valid[AUDIO] = audio_output_lengths(mel_lens)
         capacity[AUDIO] = t_max // 4
-    source, index = merge_indices(batch.input_ids, cfg, n_valid, capacity)
-    states, logits = _forward(fx, batch.input_ids, batch.attention_mask, pos, source, index, vis_in, aud_in)
-
-    real = batch.attention_mask.astype(bool)
-    errors = {}
-    assert len(ref.hidden_states) == states.shape[0]
-    for i, h in enumerate(ref.hidden_states):
-        errors[f"hidden_{i}"] = float(np.abs(np.asarray(states[i]) - h.numpy())[real].max())
-    errors["logits"] = float(np.abs(np.asarray(logits) - ref.logits.numpy())[real].max())
-    worst = max(errors.values())
-    print(f"\nmax abs error ({side}-padded): " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
-    assert worst <= TOL, f"max abs error {worst:.3e} > {TOL} ({errors})"
-    return errors
+    states, logits = flax_forward(fx, batch, pos, vis_in, n_valid, capacity, aud_in)
+    return compare(ref, states, logits, batch.attention_mask, f"{side}-padded")
 
 
 def test_text_only(models):

@@ -1,10 +1,11 @@
 """LoRA adapters <-> PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 PEFT names a tensor ``base_model.model.<torch module>.lora_{A,B}.weight``, with
-the module named as in transformers' in-memory thinker
-(``Qwen2_5OmniThinkerForConditionalGeneration``: ``model.language_model.layers.N
-.self_attn.q_proj``), i.e. the converter's "transformers5" layout; module names
-come from ``keymap.flax_to_hf_key`` like every other conversion. ``lora_A`` is
+the module named as in transformers' in-memory model of the backbone's family
+(``Qwen2_5OmniThinkerForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``,
+both ``model.language_model.layers.N.self_attn.q_proj``), i.e. the converter's
+``keymap.MEMORY_LAYOUT``; module names come from ``keymap.flax_to_hf_key`` like every
+other conversion. A third of Qwen2.5-VL's fused vision qkv has no PEFT name. ``lora_A`` is
 [r, in] = ``lora_a.T`` and ``lora_B`` is [out, r] = ``lora_b.T``; scaling is
 ``lora_alpha / r`` (plain LoRA: no rsLoRA, DoRA or per-module ranks).
 """
@@ -19,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omniret_jax.convert.keymap import flax_to_hf_key
+from omniret_jax.convert.keymap import MEMORY_LAYOUT, flax_to_hf_key, fused_part
 from omniret_jax.convert.tensors import TensorSource, write_safetensors
 from omniret_jax.model.layers import Linear
 from omniret_jax.model.lora import LoRAConfig, attach, iter_linears, lora_modules, path_str, select_targets
 
-PEFT_LAYOUT = "transformers5"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -38,12 +38,15 @@ _UNSUPPORTED = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "rank_p
 
 def _torch_names(model: nnx.Module) -> dict[str, tuple[str, Linear]]:
     """PEFT module name -> (our dotted path, Linear) for every Linear the PEFT layout can name."""
+    layout = MEMORY_LAYOUT[model.cfg.family]
     out = {}
     for path, linear in iter_linears(model):
+        if fused_part((*path, "kernel"), layout) is not None:
+            continue  # a third of one torch Linear
         try:
-            weight_key = flax_to_hf_key((*path, "kernel"), PEFT_LAYOUT)
+            weight_key = flax_to_hf_key((*path, "kernel"), layout)
         except KeyError:
-            continue  # a top-level module outside the transformers thinker has no PEFT name
+            continue  # a top-level module outside the transformers model has no PEFT name
         out[weight_key[: -len(".weight")]] = (path_str(path), linear)
     return out
 
@@ -65,7 +68,7 @@ def export_peft(model: nnx.Module, cfg: LoRAConfig, out_dir: str | Path, *, base
     tensors: dict[str, np.ndarray] = {}
     for path, linear in sorted(adapters.items()):
         if path not in names:
-            raise ValueError(f"adapter on {path}: the module has no name in the transformers thinker")
+            raise ValueError(f"adapter on {path}: the module has no name in the transformers {model.cfg.family} model")
         rank = linear.lora_a.shape[1]
         if rank != cfg.rank or not np.isclose(linear.lora_scale, cfg.scale):
             raise ValueError(f"adapter on {path} has rank {rank} and scale {linear.lora_scale}, but the config "

@@ -22,11 +22,11 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from omniret_jax import sharding
-from omniret_jax.config import BEATsConfig, Precision, ThinkerConfig
+from omniret_jax.config import BEATsConfig, Precision, ThinkerConfig, backbone_config, read_hf_config
 from omniret_jax.convert.beats import canonical_state, load_unilm_checkpoint
 from omniret_jax.convert.keymap import (
-    IGNORED_PREFIXES, LAYOUTS, WAVE_MODULES, detect_layout, expected_hf_shape, flax_to_hf_array, flax_to_hf_key,
-    hf_to_flax_array,
+    IGNORED_PREFIXES, LAYOUTS, THINKER_LAYOUTS, VL_LAYOUTS, WAVE_MODULES, detect_layout, expected_hf_shape,
+    flax_to_hf_array, flax_to_hf_key, hf_to_flax_array,
 )
 from omniret_jax.convert.tensors import CheckpointError, MappingSource, OverlaySource, TensorSource
 from omniret_jax.model.beats import BEATs
@@ -76,9 +76,10 @@ def load_module(
     placement = None
     if mesh is not None:
         placement = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh)))
-    wanted: dict[str, tuple[Any, nnx.Variable]] = {}
+    # Checkpoint key -> our parameter(s): three for a fused qkv, else one.
+    wanted: dict[str, list[tuple[Any, nnx.Variable]]] = {}
     for path, var in flat:
-        wanted[flax_to_hf_key(path, layout)] = (path, var)
+        wanted.setdefault(flax_to_hf_key(path, layout), []).append((path, var))
 
     ignored_prefixes = IGNORED_PREFIXES[layout] + tuple(extra_ignored)
     ignored: dict[str, int] = {}
@@ -102,33 +103,51 @@ def load_module(
 
     nbytes = 0
     for key in tqdm(sorted(wanted), desc="loading tensors", disable=not progress, unit="tensor"):
-        path, var = wanted[key]
-        abstract_value = var.get_value()
-        want_shape = expected_hf_shape(path, tuple(abstract_value.shape))
-        got_shape = source.shape(key)
-        if tuple(got_shape) != want_shape:
-            raise CheckpointError(f"tensor {key!r}: checkpoint shape {tuple(got_shape)} but the model expects "
-                                  f"{want_shape} (from config)")
-        arr = _cast(hf_to_flax_array(path, source.read(key)), abstract_value.dtype)
-        nbytes += arr.nbytes
-        target = None if placement is None else placement[path].get_value()
-        var.set_value(jax.device_put(arr, target))
-        del arr
+        got_shape = tuple(source.shape(key))
+        for path, var in wanted[key]:
+            want_shape = expected_hf_shape(path, tuple(var.get_value().shape), layout)
+            if got_shape != want_shape:
+                raise CheckpointError(f"tensor {key!r}: checkpoint shape {got_shape} but the model expects "
+                                      f"{want_shape} (from config)")
+        tensor = source.read(key)
+        for path, var in wanted[key]:
+            arr = _cast(hf_to_flax_array(path, tensor, layout), var.get_value().dtype)
+            nbytes += arr.nbytes
+            target = None if placement is None else placement[path].get_value()
+            var.set_value(jax.device_put(arr, target))
+            del arr
+        del tensor
     module = nnx.merge(graphdef, state)
     return module, LoadReport(layout=layout, loaded=len(wanted), ignored=ignored, nbytes=nbytes)
 
 
-def load_thinker(path, *, precision: Precision = Precision(), layout: str | None = None, mesh: Mesh | None = None,
-                 allow_pickle: bool = False, progress: bool = True) -> tuple[Thinker, LoadReport]:
-    """A Qwen2.5-Omni thinker from a Hugging Face checkpoint directory (config.json + weights),
-    every weight in ``precision.frozen``."""
-    cfg = ThinkerConfig.from_pretrained(path, precision=precision)
+# The checkpoint layouts of each backbone family.
+FAMILY_LAYOUTS = {"qwen2_5_omni": THINKER_LAYOUTS, "qwen2_5_vl": tuple(VL_LAYOUTS)}
+
+
+def load_backbone(path, *, precision: Precision = Precision(), layout: str | None = None, mesh: Mesh | None = None,
+                  allow_pickle: bool = False, progress: bool = True) -> tuple[Thinker, LoadReport]:
+    """The backbone of a Hugging Face checkpoint directory (config.json + weights): a Qwen2.5-Omni
+    thinker, or a Qwen2.5-VL model when ``model_type`` says so; every weight in ``precision.frozen``."""
+    cfg = backbone_config(read_hf_config(path), precision=precision)
     source = TensorSource(path, allow_pickle=allow_pickle)
     layout = layout or detect_layout(source.keys())
+    if layout not in FAMILY_LAYOUTS[cfg.family]:
+        raise CheckpointError(f"{path}: config.json describes a {cfg.family} model but the weights are in the "
+                              f"{layout!r} layout (expected one of {FAMILY_LAYOUTS[cfg.family]})")
     # A WAVE checkpoint holds a thinker too; its extra modules are skipped (and counted).
-    wave = tuple(LAYOUTS[layout][m] + "." for m in WAVE_MODULES)
-    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout, extra_ignored=wave,
+    ignored = tuple(LAYOUTS[layout][m] + "." for m in WAVE_MODULES if m in LAYOUTS[layout])
+    if cfg.text.tie_word_embeddings:
+        ignored += (LAYOUTS[layout]["lm_head"] + ".",)  # a tied head may be saved anyway; it is the embedding
+    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout, extra_ignored=ignored,
                        mesh=mesh, progress=progress)
+
+
+def load_thinker(path, **kw) -> tuple[Thinker, LoadReport]:
+    """A Qwen2.5-Omni thinker (``load_backbone``, refusing any other family)."""
+    if read_hf_config(path).get("model_type") == "qwen2_5_vl":
+        raise CheckpointError(f"{path} is a Qwen2.5-VL checkpoint, not a Qwen2.5-Omni thinker: use load_backbone")
+    return load_backbone(path, **kw)
 
 
 def load_beats(cfg: BEATsConfig, weights: Mapping[str, np.ndarray], *, prefix: str = "",

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from omniret_jax.convert.keymap import LAYOUTS, expected_hf_shape, flax_to_hf_array, flax_to_hf_key
+from omniret_jax.convert.keymap import (LAYOUTS, SAVE_LAYOUT, expected_hf_shape, flax_to_hf_array, flax_to_hf_key, fuse_parts,
+                                        fused_part)
 from omniret_jax.convert.beats import tied_keys
 from omniret_jax.convert.tensors import write_safetensors
 from omniret_jax.model.lora import lora_modules, merged_kernel, path_str
@@ -46,10 +47,11 @@ def _plan_shards(entries: list[tuple[str, tuple[int, ...], np.dtype]], max_shard
     return shards
 
 
-def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: str | Path, layout: str = "thinker",
+def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: str | Path, layout: str | None = None,
                        merge_lora: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        config_updates: Mapping | None = None) -> Path:
-    """Write every parameter of ``model`` as a PyTorch checkpoint in ``layout``; returns ``out_dir``.
+    """Write every parameter of ``model`` as a PyTorch checkpoint in ``layout`` (default: what
+    transformers' ``save_pretrained`` writes for the model's family); returns ``out_dir``.
 
     ``config_src`` (a config.json or the directory holding one) is copied beside
     the weights, with ``config_updates`` merged into its top level. With
@@ -59,6 +61,7 @@ def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: st
     place for them and transformers would load the base weights without a word;
     write the adapter with ``convert.peft.export_peft`` instead.
     """
+    layout = layout or SAVE_LAYOUT[model.cfg.family]
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
     out_dir = Path(out_dir)
@@ -77,15 +80,18 @@ def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: st
 
     # Frozen and trainable Params alike; adapters (folded in below) and RNG state are not tensors of the layout.
     state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
-    variables: dict[str, tuple[tuple, nnx.Variable]] = {}
+    # Checkpoint key -> its parameter, or the q, k, v parts of a fused qkv in order.
+    variables: dict[str, list[tuple[tuple, nnx.Variable]]] = {}
     entries = []
     for path, var in nnx.to_flat_state(state):
-        key = flax_to_hf_key(path, layout)
-        if key in variables:
-            raise ValueError(f"parameters {path_str(variables[key][0])} and {path_str(path)} both map to {key!r}")
-        variables[key] = (path, var)
+        variables.setdefault(flax_to_hf_key(path, layout), []).append((path, var))
+    for key, parts in variables.items():
+        parts.sort(key=lambda p: fused_part(p[0], layout) or 0)
+        if [fused_part(p, layout) for p, _ in parts] not in ([None], [0, 1, 2]):
+            raise ValueError(f"parameters {', '.join(path_str(p) for p, _ in parts)} all map to {key!r}")
+        path, var = parts[0]
         value = var.get_value()
-        entries.append((key, expected_hf_shape(path, tuple(value.shape)), np.dtype(value.dtype)))
+        entries.append((key, expected_hf_shape(path, tuple(value.shape), layout), np.dtype(value.dtype)))
     # BEATs keeps one relative-bias table; its checkpoint layout repeats it per layer.
     aliases: dict[str, str] = {}
     beats_cfg = getattr(model, "beats_cfg", None)
@@ -98,11 +104,14 @@ def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: st
         config_updates = {"beats_config": dataclasses.asdict(beats_cfg), **(config_updates or {})}
     entries.sort(key=lambda e: e[0])
 
-    def fetch(key: str) -> np.ndarray:
-        path, var = variables[aliases.get(key, key)]
+    def one(path, var) -> np.ndarray:
         owner = path_str(path[:-1])
         value = merged_kernel(adapters[owner]) if path[-1] == "kernel" and owner in adapters else var.get_value()
         return flax_to_hf_array(path, np.asarray(jax.device_get(value)))
+
+    def fetch(key: str) -> np.ndarray:
+        parts = variables[aliases.get(key, key)]
+        return one(*parts[0]) if len(parts) == 1 else fuse_parts([one(*p) for p in parts])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = _plan_shards(entries, max_shard_bytes)
