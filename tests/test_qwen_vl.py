@@ -22,8 +22,10 @@ import torch
 from flax import nnx
 from peft import LoraConfig, get_peft_model
 
-from omniret_jax.config import QwenVLConfig
+from omniret_jax.config import QwenVLConfig, backbone_config, read_hf_config
+from omniret_jax.convert import cli
 from omniret_jax.convert.keymap import detect_layout
+from omniret_jax.convert.orbax_io import restore_module
 from omniret_jax.convert.peft import export_peft, import_peft
 from omniret_jax.convert.tensors import MappingSource, TensorSource
 from omniret_jax.convert.to_flax import load_backbone, load_module, load_thinker
@@ -173,6 +175,17 @@ def test_export_is_bit_exact_with_save_pretrained(saved, models, tmp_path):
         a, b = ours.read(k), theirs.read(k)
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), k
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+
+
+def test_cli_converts_a_qwen_vl_checkpoint(saved, models, tmp_path, capsys):
+    _, path = saved
+    assert cli.main(["--src", str(path), "--out", str(tmp_path / "flax"), "--param-dtype", "float32"]) == 0
+    assert "layout qwen2_5_vl" in capsys.readouterr().out
+    cfg = backbone_config(read_hf_config(tmp_path / "flax"))
+    restored = restore_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), tmp_path / "flax")
+    b = dict(nnx.to_flat_state(nnx.state(restored)))
+    for p, v in nnx.to_flat_state(nnx.state(models[1])):
+        np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(b[p].get_value()), err_msg=str(p))
 
 
 def test_config_of_the_released_4x_format_matches_transformers():
