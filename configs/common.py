@@ -24,7 +24,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         on_missing_audio="silence", max_caption_chars=2048, num_workers=0,
     ))
     c.embed = ml_collections.ConfigDict(dict(
-        text_len=128, seq_len=1024, text_fusion_head=False, audio_in_video=False,
+        text_len=128, length_multiple=8, pack=(), text_fusion_head=False, audio_in_video=False,
         video_prompt="Please describe the video.", audio_prompt="Please describe the audio.",
         av_prompt="Please describe the video and the audio.",
     ))

@@ -171,7 +171,7 @@ class _WaveLike(nnx.Module):
     def __call__(self, x, feats):
         b, s, _ = x.shape
         pos = jnp.broadcast_to(jnp.arange(s), (3, b, s))
-        _, states = self.language_model(x, jnp.ones((b, s), jnp.int32), pos, pool_index=jnp.full((b,), s - 1))
+        _, states = self.language_model(x, jnp.ones((b, s), jnp.int32), pos, pool_index=jnp.arange(b) * s + s - 1)
         fused = self.classify_linear["2"](self.classify_linear["0"](jnp.moveaxis(states[1:], 0, 1).reshape(b, -1)))
         audio = self.beats_proj["2"](self.beats_proj["0"](self.beats_ln(self.beats(feats))))
         return fused + audio.mean(axis=1)
