@@ -15,6 +15,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         # adaptor), frozen weights (backbone, towers, BEATs: bfloat16 halves their memory).
         precision=ml_collections.ConfigDict(dict(compute="float32", trainable="float32", frozen="float32")),
         remat="none",               # per decoder layer: "none" | "full" (recompute) | "dots" (keep matmuls)
+        attention="xla",            # LLM attention kernel: "xla" (any platform) | "cudnn" (GPU flash attention)
         seed=0,
     ))
     c.data = ml_collections.ConfigDict(dict(

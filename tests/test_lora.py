@@ -222,3 +222,27 @@ def test_bf16_backbone_keeps_float32_adapters():
     after = lin(x)
     assert after.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(before, np.float32), np.asarray(after, np.float32))
+
+
+def test_hash_dropout_keeps_the_right_fraction_and_scales():
+    """The adapter dropout's hashed mask: Bernoulli(1 - rate) per element, kept values scaled by
+    1 / (1 - rate) like torch.nn.Dropout; a fresh mask per call, a reproducible one per seed."""
+    from omniret_jax.model.layers import Dropout
+
+    x = jnp.ones((64, 128, 96))
+    for rate in (0.05, 0.5):
+        drop = Dropout(rate, deterministic=False, rngs=nnx.Rngs(dropout=3))
+        a, b = np.asarray(drop(x)), np.asarray(drop(x))
+        kept = float((a != 0).mean())
+        sigma = np.sqrt(rate * (1 - rate) / a.size)
+        print(f"rate {rate}: kept {kept:.5f} (want {1 - rate}, 5 sigma = {5 * sigma:.1e})")
+        assert abs(kept - (1 - rate)) < 5 * sigma
+        np.testing.assert_allclose(np.unique(a), [0.0, 1.0 / (1 - rate)], rtol=1e-6)
+        assert (a != b).any(), "each call needs a fresh mask"
+        # No structure along any axis: per-row and per-column keep rates stay near 1 - rate.
+        for axis in (0, 1, 2):
+            rates = (a != 0).mean(axis=tuple(i for i in range(3) if i != axis))
+            assert np.abs(rates - (1 - rate)).max() < 6 * np.sqrt(rate * (1 - rate) / (a.size / a.shape[axis]))
+        again = Dropout(rate, deterministic=False, rngs=nnx.Rngs(dropout=3))
+        np.testing.assert_array_equal(np.asarray(again(x)), a)
+    assert (np.asarray(Dropout(0.5, deterministic=True, rngs=nnx.Rngs(0))(x)) == 1).all()

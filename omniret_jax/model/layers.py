@@ -51,7 +51,7 @@ class Linear(nnx.Module):
         # merge_lora) and convert/peft.py (import_peft); absent on a plain Linear.
         self.lora_a = nnx.data(None)        # nnx.LoRAParam [in, rank]
         self.lora_b = nnx.data(None)        # nnx.LoRAParam [rank, out]
-        self.lora_dropout = nnx.data(None)  # nnx.Dropout on the adapter input, or None
+        self.lora_dropout = nnx.data(None)  # Dropout on the adapter input, or None
         self.lora_scale = 0.0               # alpha / rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -68,6 +68,34 @@ class Linear(nnx.Module):
             z = (z @ self.lora_a[...]) @ self.lora_b[...]
             y = y + (z * self.lora_scale).astype(y.dtype)
         return y
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """A 32-bit integer finaliser (xor-shift-multiply, the "lowbias32" constants): every input bit
+    flips about half of the output bits, so consecutive indices give independent-looking words."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+    h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+class Dropout(nnx.Dropout):
+    """Inverted dropout whose mask is a hash of (a per-call seed from the 'dropout' stream, the
+    element's index): one cheap integer pass instead of a threefry draw per element (~13x less
+    work on CPU for the LoRA inputs, where dropout was a large part of a step). Each element is
+    kept with probability 1 - rate and the kept ones are scaled by 1 / (1 - rate), as
+    ``torch.nn.Dropout`` does; masks are reproducible from the stream (resume, reseed)."""
+
+    def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None):
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        seed = jax.random.bits(self.rngs(), (2,), jnp.uint32)
+        index = jax.lax.iota(jnp.uint32, inputs.size).reshape(inputs.shape)
+        words = _mix32(_mix32(index ^ seed[0]) + seed[1])
+        keep = words >= jnp.uint32(min(int(self.rate * 2**32), 2**32 - 1))
+        return jnp.where(keep, inputs / (1.0 - self.rate), 0).astype(inputs.dtype)
 
 
 class GatedMLP(nnx.Module):
