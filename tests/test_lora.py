@@ -246,3 +246,17 @@ def test_hash_dropout_keeps_the_right_fraction_and_scales():
         again = Dropout(rate, deterministic=False, rngs=nnx.Rngs(dropout=3))
         np.testing.assert_array_equal(np.asarray(again(x)), a)
     assert (np.asarray(Dropout(0.5, deterministic=True, rngs=nnx.Rngs(0))(x)) == 1).all()
+
+
+def test_hash_dropout_masks_are_keyed_per_row():
+    """Rows r..r+k of a batch get the masks they get inside the whole batch when the chunk says it
+    starts at row r (the gradient-cached step embeds a contrastive batch chunk by chunk)."""
+    from omniret_jax.model.layers import Dropout, set_row_offset
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5, 6)), jnp.float32) + 3.0
+    whole = Dropout(0.3, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    want = np.asarray(whole(x))
+    for start in (0, 2, 6):
+        part = Dropout(0.3, deterministic=False, rngs=nnx.Rngs(dropout=1))
+        set_row_offset(part, start)
+        np.testing.assert_array_equal(np.asarray(part(x[start:start + 2])), want[start:start + 2])
