@@ -113,8 +113,8 @@ def step_flops(groups: dict[str, int], host, batch: dict, lcfg, ecfg) -> dict:
     table, real, padded = [], 0.0, 0.0
     for name, p in passes.items():
         mask = np.asarray(p.attention_mask)
-        b = mask.shape[0]
-        t_real, t_pad = int(mask.sum()), int(mask.size)
+        b = len(p.pool_index)  # sequences (a packed pass has fewer rows)
+        t_real, t_pad = int((mask > 0).sum()), int(mask.size)  # packed rows hold segment ids
         grad = name in with_grad
         k = 6 if grad else 2
         head = b * (k * groups["head"] if name.split("_")[0] != "T" or ecfg.text_fusion_head else 0)

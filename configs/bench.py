@@ -10,7 +10,8 @@ tiny:  text 64 / 128 / 2 layers / 4 heads / 2 KV, M-RoPE [2, 3, 3]; vision depth
 small: text 512 / 1408 / 4 layers / 8 heads / 2 KV, M-RoPE [8, 12, 12]; vision depth 4, hidden 256,
        FFN 688, 4 heads, full-attention block 3; audio d_model 256, 4 layers, 4 heads, FFN 1024;
        8 frames at 224x224, 8 s of audio, 32-token captions, batch 4.
-Both: LoRA r16 / alpha 32 on q/k/v, BEATs at the widths of configs/tiny.py with WAVE's adaptor.
+Both: LoRA r16 / alpha 32 on q/k/v, BEATs at the widths of configs/tiny.py with WAVE's adaptor;
+the caption budget (embed.text_len) is the captions' length plus 8 tokens.
 
 COMMAND: python bench/train_step.py --config configs/bench.py:tiny
 COMMAND: python bench/compare_torch.py --config configs/bench.py:small
@@ -49,5 +50,6 @@ def get_config(widths: str = "tiny") -> ml_collections.ConfigDict:
     c.data.audio_seconds = seconds
     c.lora.rank, c.lora.alpha, c.lora.dropout = 16, 32.0, 0.05
     c.train.batch_size = batch
+    c.embed.text_len = caption_tokens + 8   # the caption budget: these captions plus a margin
     c.bench = ml_collections.ConfigDict(dict(widths=widths, caption_tokens=caption_tokens))
     return c

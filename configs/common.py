@@ -15,6 +15,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         # adaptor), frozen weights (backbone, towers, BEATs: bfloat16 halves their memory).
         precision=ml_collections.ConfigDict(dict(compute="float32", trainable="float32", frozen="float32")),
         remat="none",               # per decoder layer: "none" | "full" (recompute) | "dots" (keep matmuls)
+        attention="xla",            # LLM attention kernel: "xla" (any platform) | "cudnn" (GPU flash attention)
         seed=0,
     ))
     c.data = ml_collections.ConfigDict(dict(
@@ -24,7 +25,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         on_missing_audio="silence", max_caption_chars=2048, num_workers=0,
     ))
     c.embed = ml_collections.ConfigDict(dict(
-        text_len=128, seq_len=1024, text_fusion_head=False, audio_in_video=False,
+        text_len=128, length_multiple=8, pack=(), text_fusion_head=False, audio_in_video=False,
         video_prompt="Please describe the video.", audio_prompt="Please describe the audio.",
         av_prompt="Please describe the video and the audio.",
     ))

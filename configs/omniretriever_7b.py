@@ -17,10 +17,11 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     c.model.precision.update(compute="bfloat16", trainable="float32", frozen="bfloat16")
     c.model.remat = "full"
     c.data.num_workers = 16
-    # Real joint rows are ~560 tokens (8 frames at 224 px + 8 s of doubled audio + caption);
-    # padding to 2048 would spend 5x the FLOPs on padding. Longer captions are skipped and counted.
-    c.embed.text_len = 256
-    c.embed.seq_len = 1024
+    # Row lengths follow from the media (8 frames at 224 px: 256 video tokens; 8 s of doubled audio:
+    # 400) and the caption budget: every TVA row reserves text_len - 1 caption tokens, so the budget
+    # is what the joint rows pad to. 95 tokens hold ~70 words (longer captions are truncated and
+    # counted by the pipeline).
+    c.embed.text_len = 96
     c.data.max_caption_chars = 1000
     c.optim.accumulate = 2
     c.train.batch_size = 32          # per optimizer micro-step, global (x accumulate = 64)

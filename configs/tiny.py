@@ -33,7 +33,6 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
     c.data.audio_seconds = 2.0
     c.data.max_caption_chars = 120
     c.embed.text_len = 128
-    c.embed.seq_len = 256
     c.lora.rank = 4
     c.lora.alpha = 8.0
     c.optim.lr = 1e-3

@@ -104,11 +104,19 @@ def embed_config(c) -> EmbedConfig:
     return EmbedConfig(**c.embed.to_dict())
 
 
+def with_attention(cfg: ThinkerConfig, c) -> ThinkerConfig:
+    """The LLM's attention kernel from ``model.attention`` (xla | cudnn)."""
+    impl = c.model.get("attention", "xla") or "xla"
+    if impl not in ("xla", "cudnn"):
+        raise ValueError(f"config.model.attention={impl!r}: expected 'xla' or 'cudnn'")
+    return cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=None if impl == "xla" else impl))
+
+
 def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
     """Model configs of a random-init model: ``model.tiny``'s widths, or the 7B defaults without it."""
     prec = precision(c)
     if "tiny" not in c.model:
-        return ThinkerConfig(precision=prec), BEATsConfig()
+        return with_attention(ThinkerConfig(precision=prec), c), BEATsConfig()
     t = c.model.tiny
     cfg = ThinkerConfig(
         text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -121,6 +129,7 @@ def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
         audio=AudioConfig(encoder_layers=t.audio_layers, d_model=t.audio_d_model, encoder_attention_heads=t.audio_heads,
                           encoder_ffn_dim=t.audio_ffn, output_dim=t.hidden_size),
         precision=prec, **TINY_IDS)
+    cfg = with_attention(cfg, c)
     beats = BEATsConfig(encoder_layers=t.beats_layers, encoder_embed_dim=t.beats_dim,
                         encoder_attention_heads=t.beats_heads, encoder_ffn_embed_dim=t.beats_ffn,
                         embed_dim=t.beats_patch_dim, conv_pos=t.beats_conv_pos,
@@ -161,7 +170,7 @@ def build_model(c, *, mesh: Mesh | None = None) -> tuple[WAVE, Tokens]:
 
     model, _ = load_wave(c.model.checkpoint, beats_checkpoint=c.model.beats_checkpoint or None,
                          precision=precision(c), init_missing_heads=c.model.init_missing_heads, seed=c.model.seed,
-                         mesh=mesh, remat=c.model.remat)
+                         mesh=mesh, remat=c.model.remat, configure=lambda cfg: with_attention(cfg, c))
     return model, tokens_for(c)
 
 

@@ -67,6 +67,8 @@ class TextConfig:
     rope_theta: float = 1e6
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     tie_word_embeddings: bool = False
+    causal: bool = True                 # False: bidirectional self-attention (padding-only mask)
+    attention_impl: str | None = None   # jax.nn.dot_product_attention implementation: None/"xla" or "cudnn"
 
     @property
     def dim_per_head(self) -> int:
@@ -363,13 +365,36 @@ def check_paths(paths: Sequence[str]) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    text_len: int = 64            # padded length of the text path
-    seq_len: int = 512            # padded length of every media path
+    """How the embedding paths are laid out. Row lengths follow from the media shapes and
+    ``text_len`` (``data.batch.path_length``). ``pack`` lists passes whose sequences are short
+    next to their padded length as (path, sequences per row[, row length]): e.g. ("T", 2, 128)
+    puts two captions in each row of 128 tokens, half the rows; a batch whose sequences do not
+    fit runs that pass unpacked (a second program). The row length defaults to per_row times
+    the path's length: never overflows, saves nothing, exercises the layout."""
+    text_len: int = 64            # padded length of the text path; captions get text_len - 1 tokens
+    length_multiple: int = 8      # every path's row length is rounded up to this
+    pack: tuple[tuple, ...] = ()
     video_prompt: str = "Please describe the video."
     audio_prompt: str = "Please describe the audio."
     av_prompt: str = "Please describe the video and the audio."
     text_fusion_head: bool = False
     audio_in_video: bool = False  # interleave a clip's audio into its video block (processor's use_audio_in_video)
+
+    def __post_init__(self):
+        pack = tuple((str(e[0]), *map(int, e[1:])) for e in self.pack)  # lists from configs are unhashable
+        bad = [e for e in pack if e[0] not in PATHS or len(e) not in (2, 3) or min(e[1:]) < 1]
+        if bad or len({e[0] for e in pack}) != len(pack):
+            raise ValueError(f"EmbedConfig.pack={self.pack!r}: entries must be (path in {PATHS}, per_row >= 1"
+                             f"[, row_len >= 1]), one per path; bad: {bad or pack}")
+        if self.text_len < 2 or self.length_multiple < 1:
+            raise ValueError(f"EmbedConfig: text_len={self.text_len} must be >= 2 and "
+                             f"length_multiple={self.length_multiple} >= 1")
+        object.__setattr__(self, "pack", pack)
+
+    def packing(self, path: str) -> tuple[int, int | None]:
+        """(sequences per row, row length or None for the default) of ``path``; (1, None) = unpacked."""
+        entry = next((e for e in self.pack if e[0] == path), (path, 1))
+        return entry[1], (entry[2] if len(entry) == 3 else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,13 +69,18 @@ class VisionLayout:
 @_pytree
 @dataclasses.dataclass(frozen=True)
 class PathInputs:
-    """One LLM pass (one embedding path) over a batch of rows."""
-    input_ids: Int[Arr, "b s"]
-    attention_mask: Int[Arr, "b s"]
-    position_ids: Int[Arr, "b 3 s"]    # M-RoPE (t, h, w) positions
-    source: Int[Arr, "b s"]            # TEXT / IMAGE / VIDEO / AUDIO
-    index: Int[Arr, "b s"]             # row of the flattened tower output a media token takes
-    last_index: Int[Arr, "b"]          # the pooled (last real) token
+    """One LLM pass (one embedding path): the B sequences of a batch in R rows of S tokens.
+
+    Unpacked, R = B and row b holds sequence b; packed, a row holds several consecutive
+    sequences, told apart by ``attention_mask`` (their segment ids 1, 2, ...; 0 = padding), with
+    positions restarting in each.
+    """
+    input_ids: Int[Arr, "r s"]
+    attention_mask: Int[Arr, "r s"]    # 0 = padding, else the segment id (1 in an unpacked row)
+    position_ids: Int[Arr, "r 3 s"]    # M-RoPE (t, h, w) positions
+    source: Int[Arr, "r s"]            # TEXT / IMAGE / VIDEO / AUDIO
+    index: Int[Arr, "r s"]             # row of the flattened tower output a media token takes
+    pool_index: Int[Arr, "b"]          # each sequence's pooled (last real) token, flat into R * S
 
 
 @_pytree

@@ -40,7 +40,7 @@ from tests.test_beats import unilm_state
 
 TOL = 1e-4
 PATCH = 3 * 2 * 14 * 14
-ECFG = EmbedConfig(text_len=48, seq_len=256)
+ECFG = EmbedConfig(text_len=48)
 
 
 def encode(s: str) -> list[int]:
@@ -209,7 +209,7 @@ def test_text_fusion_head_switch(setup):
     ref, path = setup
     model, _ = load_wave(path, progress=False)
     batch, samples = make_batch(np.random.default_rng(2))
-    ecfg = EmbedConfig(text_len=48, seq_len=256, text_fusion_head=True)
+    ecfg = EmbedConfig(text_len=48, text_fusion_head=True)
     got = np.asarray(embed(model, prepare(batch, ("T",), model.cfg, TOKENS, ecfg), ecfg)["T"])
     with torch.no_grad():
         want = []

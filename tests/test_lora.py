@@ -171,7 +171,7 @@ class _WaveLike(nnx.Module):
     def __call__(self, x, feats):
         b, s, _ = x.shape
         pos = jnp.broadcast_to(jnp.arange(s), (3, b, s))
-        _, states = self.language_model(x, jnp.ones((b, s), jnp.int32), pos, pool_index=jnp.full((b,), s - 1))
+        _, states = self.language_model(x, jnp.ones((b, s), jnp.int32), pos, pool_index=jnp.arange(b) * s + s - 1)
         fused = self.classify_linear["2"](self.classify_linear["0"](jnp.moveaxis(states[1:], 0, 1).reshape(b, -1)))
         audio = self.beats_proj["2"](self.beats_proj["0"](self.beats_ln(self.beats(feats))))
         return fused + audio.mean(axis=1)
@@ -222,3 +222,41 @@ def test_bf16_backbone_keeps_float32_adapters():
     after = lin(x)
     assert after.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(before, np.float32), np.asarray(after, np.float32))
+
+
+def test_hash_dropout_keeps_the_right_fraction_and_scales():
+    """The adapter dropout's hashed mask: Bernoulli(1 - rate) per element, kept values scaled by
+    1 / (1 - rate) like torch.nn.Dropout; a fresh mask per call, a reproducible one per seed."""
+    from omniret_jax.model.layers import Dropout
+
+    x = jnp.ones((64, 128, 96))
+    for rate in (0.05, 0.5):
+        drop = Dropout(rate, deterministic=False, rngs=nnx.Rngs(dropout=3))
+        a, b = np.asarray(drop(x)), np.asarray(drop(x))
+        kept = float((a != 0).mean())
+        sigma = np.sqrt(rate * (1 - rate) / a.size)
+        print(f"rate {rate}: kept {kept:.5f} (want {1 - rate}, 5 sigma = {5 * sigma:.1e})")
+        assert abs(kept - (1 - rate)) < 5 * sigma
+        np.testing.assert_allclose(np.unique(a), [0.0, 1.0 / (1 - rate)], rtol=1e-6)
+        assert (a != b).any(), "each call needs a fresh mask"
+        # No structure along any axis: per-row and per-column keep rates stay near 1 - rate.
+        for axis in (0, 1, 2):
+            rates = (a != 0).mean(axis=tuple(i for i in range(3) if i != axis))
+            assert np.abs(rates - (1 - rate)).max() < 6 * np.sqrt(rate * (1 - rate) / (a.size / a.shape[axis]))
+        again = Dropout(rate, deterministic=False, rngs=nnx.Rngs(dropout=3))
+        np.testing.assert_array_equal(np.asarray(again(x)), a)
+    assert (np.asarray(Dropout(0.5, deterministic=True, rngs=nnx.Rngs(0))(x)) == 1).all()
+
+
+def test_hash_dropout_masks_are_keyed_per_row():
+    """Rows r..r+k of a batch get the masks they get inside the whole batch when the chunk says it
+    starts at row r (the gradient-cached step embeds a contrastive batch chunk by chunk)."""
+    from omniret_jax.model.layers import Dropout, set_row_offset
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 5, 6)), jnp.float32) + 3.0
+    whole = Dropout(0.3, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    want = np.asarray(whole(x))
+    for start in (0, 2, 6):
+        part = Dropout(0.3, deterministic=False, rngs=nnx.Rngs(dropout=1))
+        set_row_offset(part, start)
+        np.testing.assert_array_equal(np.asarray(part(x[start:start + 2])), want[start:start + 2])

@@ -26,7 +26,7 @@ from omniret_jax.model.vision import VisionTower
 def _path_inputs(b=2, s=5, **override):
     kw = dict(input_ids=np.zeros((b, s), np.int32), attention_mask=np.ones((b, s), np.int32),
               position_ids=np.zeros((b, 3, s), np.int32), source=np.zeros((b, s), np.int32),
-              index=np.zeros((b, s), np.int32), last_index=np.full(b, s - 1, np.int32))
+              index=np.zeros((b, s), np.int32), pool_index=np.arange(b, dtype=np.int32) * s + s - 1)
     kw.update(override)
     return PathInputs(**kw)
 
@@ -38,8 +38,10 @@ def test_hook_is_installed():
 def test_step_inputs_contract():
     p = _path_inputs()
     assert p.input_ids.shape == (2, 5)
-    with pytest.raises(TypeCheckError, match="last_index"):
-        _path_inputs(last_index=np.zeros(3, np.int32))        # batch 3 != 2
+    with pytest.raises(TypeCheckError, match="source"):
+        _path_inputs(source=np.zeros((3, 5), np.int32))        # 3 rows != 2
+    with pytest.raises(TypeCheckError, match="pool_index"):
+        _path_inputs(pool_index=np.zeros((2, 1), np.int32))    # one flat index per sequence
     with pytest.raises(TypeCheckError, match="position_ids"):
         _path_inputs(position_ids=np.zeros((2, 5), np.int32))  # not [B, 3, S]
     with pytest.raises(TypeCheckError, match="attention_mask"):

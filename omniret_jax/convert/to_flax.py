@@ -164,16 +164,20 @@ def load_beats(cfg: BEATsConfig, weights: Mapping[str, np.ndarray], *, prefix: s
 
 def load_wave(path, *, beats_checkpoint=None, precision: Precision = Precision(), layout: str | None = None,
               init_missing_heads: bool = False, allow_pickle: bool = False, seed: int = 0, mesh: Mesh | None = None,
-              remat: str = "none", progress: bool = True) -> tuple[WAVE, LoadReport]:
+              remat: str = "none", configure: Callable[[ThinkerConfig], ThinkerConfig] | None = None,
+              progress: bool = True) -> tuple[WAVE, LoadReport]:
     """A WAVE model (thinker + BEATs + fusion head + BEATs adaptor) from a PyTorch checkpoint.
 
     BEATs weights come from the checkpoint's ``beats.*`` keys, or from the unilm
     ``.pt`` given as ``beats_checkpoint`` (its config is read from there too; a
     checkpoint written by ``export_safetensors`` stores it as ``beats_config`` in
     config.json). A plain Qwen2.5-Omni checkpoint has no fusion head or adaptor:
-    that is an error unless ``init_missing_heads`` starts them from random init.
+    that is an error unless ``init_missing_heads`` starts them from random init. ``configure``
+    adjusts the model config read from config.json (run-time choices such as the attention kernel).
     """
     cfg = ThinkerConfig.from_pretrained(path, precision=precision)
+    if configure is not None:
+        cfg = configure(cfg)
     source = TensorSource(path, allow_pickle=allow_pickle)
     layout = layout or detect_layout(source.keys())
     prefix = {m: LAYOUTS[layout][m] + "." for m in WAVE_MODULES}

@@ -71,6 +71,64 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
     return source, index
 
 
+def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], prompts: Mapping[str, int]) -> int:
+    """Padded length of a path's rows: the longest row the batch's fixed shapes allow, exactly.
+
+    Media blocks take their tower capacity (video tokens of P patches, audio tokens of T mel
+    frames, doubled for WAVE) plus their start/end tokens; text takes the caption budget
+    (``text_len - 1`` tokens) or the path's fixed prompt; one ``<|im_end|>``. Rounded up to
+    ``ecfg.length_multiple``. Nothing depends on the batch's content, so every batch of a run
+    has the same shapes and the step compiles once.
+    """
+    n = 1  # <|im_end|>
+    if "V" in path:
+        n += 2 + capacity[VIDEO]
+    if "A" in path:
+        n += 2 + capacity[AUDIO]
+    n += ecfg.text_len - 1 if "T" in path else prompts.get(path, 0)
+    m = ecfg.length_multiple
+    return -(-n // m) * m
+
+
+def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int) -> PathInputs:
+    """Pack consecutive sequences of an unpacked pass into ``ceil(B / per_row)`` rows of ``row_len``
+    tokens, when they fit (else the pass stays unpacked: a second program, compiled once).
+
+    Each sequence keeps its tokens, merge indices and positions (which restart per sequence);
+    ``attention_mask`` becomes the segment id within the row and ``pool_index`` moves with the
+    sequence. Row-major order keeps the sequences in batch order, as merge indices expect.
+    """
+    b, length = p.input_ids.shape
+    if per_row <= 1:
+        return p
+    if row_len < length and (p.attention_mask.sum(axis=1) > row_len).any():
+        return p
+    lens = p.attention_mask.sum(axis=1)
+    rows = -(-b // per_row)
+    place, row, used, seg = [], 0, 0, 0
+    for i, n in enumerate(lens.tolist()):
+        if used + n > row_len or seg == per_row:
+            row, used, seg = row + 1, 0, 0
+        place.append((row, used, seg + 1))
+        used, seg = used + n, seg + 1
+    if row >= rows:
+        return p
+    ids = np.full((rows, row_len), pad_id, np.int32)
+    mask = np.zeros((rows, row_len), np.int32)
+    pos = np.ones((rows, 3, row_len), np.int32)
+    source = np.zeros((rows, row_len), np.int32)
+    index = np.zeros((rows, row_len), np.int32)
+    pool = np.zeros(b, np.int32)
+    for i, (r, start, segment) in enumerate(place):
+        n = int(lens[i])
+        sl = slice(start, start + n)
+        ids[r, sl], mask[r, sl], source[r, sl], index[r, sl] = (p.input_ids[i, :n], segment, p.source[i, :n],
+                                                              p.index[i, :n])
+        pos[r, :, sl] = p.position_ids[i, :, :n]
+        pool[i] = r * row_len + start + int(p.pool_index[i]) - i * length
+    return PathInputs(ids, mask, pos, source, index, pool)
+
+
 def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
             wave_doubled_audio: bool = True) -> EmbedInputs:
     """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
@@ -125,6 +183,8 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
             towers["fbank"] = fbank[:, :t_b]
             towers["fbank_padding"] = np.arange(t_b)[None, :] >= lens[:, None]
 
+    prompts = {p: len(tokens.encode(t)) for p, t in (("V", ecfg.video_prompt), ("A", ecfg.audio_prompt),
+                                                      ("AV", ecfg.av_prompt))}
     layouts = {}
     for path in paths:
         rows = []
@@ -147,14 +207,16 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
                                         "AV": ecfg.av_prompt}[path])
             rows.append(expand_turn(media, list(prompt) + [tokens.im_end_id], model_cfg,
                                     wave_doubled_audio=wave_doubled_audio))
-        length = ecfg.text_len if path == "T" else ecfg.seq_len
+        length = path_length(path, ecfg, capacity, prompts)
         padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
                            names=[f"sample {i} ({path} path)" for i in range(b)])
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
         kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
         source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity)
-        layouts[path] = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source,
-                                   index, padded.last_index)
+        unpacked = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source, index,
+                              np.arange(b, dtype=np.int32) * length + padded.last_index)
+        per_row, row_len = ecfg.packing(path)
+        layouts[path] = pack_rows(unpacked, per_row, row_len or per_row * length, tokens.pad_id)
     return EmbedInputs(paths=layouts, **towers)
 
 

@@ -1,10 +1,13 @@
 """Random arrays in the input pipeline's batch format (no decoding), for benchmarks and tests.
 
 Both sides of the side-by-side benchmark against PyTorch consume the same host batch
-(captions, patches, mel, fbank and their lengths), so they do the same work. Even rows are full-length clips; odd rows
-have half the temporal grids and 3/5 of the audio, zero-padded as the pipeline pads them.
-Captions are ``caption_tokens`` bytes long (the tiny models' tokenizer maps one byte to one
-token) or, without it, random words of ``caption_chars`` characters.
+(captions, patches, mel, fbank and their lengths), so they do the same work. The shapes are
+what the training pipeline produces at fixed frames and seconds: every clip has all its frames
+(the pipeline always samples ``num_frames``), odd rows have a non-square frame (a 4:3-like
+grid two patches narrower and two wider, as smart_resize gives within the same pixel budget),
+and every fourth row has a short audio track (3/5 of the crop, the rest zero-padded). Captions
+are ``caption_tokens`` bytes long (the tiny models' tokenizer maps one byte to one token) or,
+without it, random words of ``caption_chars`` characters.
 """
 
 from __future__ import annotations
@@ -21,19 +24,20 @@ WORDS = "a the red blue small loud quiet dog cat bird piano river street rain si
 
 def random_view(rng: np.random.Generator, c, b: int, caption_chars: tuple[int, int] = (12, 60),
                 caption_tokens: int | None = None) -> dict:
-    """One view of ``b`` clips for config ``c`` (its data.* media settings)."""
+    """One view of ``b`` clips for config ``c`` (its data.* media settings); see the module docstring."""
     pcfg = PipelineConfig(num_frames=c.data.num_frames, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
     side = math.isqrt(c.data.max_pixels) // pcfg.patch_size
     t_full = pcfg.num_patches // (side * side)
     samples = int(round(c.data.audio_seconds * SAMPLE_RATE))
     n_mel, t_mel = features.whisper_log_mel(np.zeros(samples, np.float32)).shape
     t_fb, n_fb = features.beats_fbank(np.zeros(samples, np.float32)).shape
-    grid = np.array([[t_full if i % 2 == 0 else max(1, t_full // 2), side, side] for i in range(b)], np.int32)
+    grid = np.array([[t_full, side, side] if i % 2 == 0 else [t_full, side - 2, side + 2] for i in range(b)],
+                    np.int32)
     n_patch = grid.prod(axis=1)
     width = 3 * pcfg.temporal_patch_size * pcfg.patch_size**2
     patches = rng.standard_normal((b, pcfg.num_patches, width)).astype(np.float32)
     patches[np.arange(pcfg.num_patches)[None, :] >= n_patch[:, None]] = 0.0
-    mel_len = np.array([t_mel if i % 2 == 0 else t_mel * 3 // 5 for i in range(b)], np.int32)
+    mel_len = np.array([t_mel if i % 4 != 3 else t_mel * 3 // 5 for i in range(b)], np.int32)
     win, hop = SAMPLE_RATE * 25 // 1000, SAMPLE_RATE // 100
     fbank_len = np.minimum(t_fb, 1 + (mel_len * hop - win) // hop).astype(np.int32)
     fbank = rng.standard_normal((b, t_fb, n_fb)).astype(np.float32)

@@ -7,7 +7,7 @@ one step directory (``none`` evaluates the untrained "frozen" backbone), embeds 
 gallery through every path the directions need, caches the vectors in
 OUTDIR/embeddings.safetensors and writes OUTDIR/results.json and OUTDIR/results.md (12
 directions: R@1/5/10, NDCG@10, MRR, MedR; AVG single/dual/all of R@1; optional compression
-table). Config overrides work as in training: ``--config.embed.seq_len=2048``.
+table). Config overrides work as in training: ``--config.embed.text_len=256``.
 
 COMMAND: python -m omniret_jax.eval --config configs/tiny.py --checkpoint /tmp/run --manifest /tmp/run/corpus/manifest.jsonl --out /tmp/run/eval
 """

@@ -52,7 +52,7 @@ def embed_path(model: WAVE, path: str, p: PathInputs, media: dict[int, MediaFeat
     """One LLM pass: the path's tokens with its media, pooled, fused, unit-normalised (float32)."""
     used = {k: v for k, v in media.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
     _, states, _ = model(p.input_ids, p.attention_mask, jnp.swapaxes(p.position_ids, 0, 1), p.source, p.index,
-                         used, pool_index=p.last_index)
+                         used, pool_index=p.pool_index, packed=ecfg.packing(path)[0] > 1)
     e = states[-1] if (path == "T" and not ecfg.text_fusion_head) else model.fuse(states)
     return l2_normalize(e)
 

@@ -1,7 +1,7 @@
 """LoRA on the frozen backbone as NNX state: attach, merge, and the trainable filter.
 
 Adapters live on ``Linear`` itself (``lora_a`` [in, r] and ``lora_b`` [r, out],
-both ``nnx.LoRAParam``, plus an optional ``nnx.Dropout``), so the parameter tree
+both ``nnx.LoRAParam``, plus an optional ``layers.Dropout``), so the parameter tree
 keeps the torch module paths and PEFT's per-module names map one to one
 (``lora_A.weight`` = ``lora_a.T``, ``lora_B.weight`` = ``lora_b.T``).
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omniret_jax.model.layers import Linear
+from omniret_jax.model.layers import Dropout, Linear
 
 # q/k/v of every decoder layer of the LLM (not the audio tower's q/k/v, not o_proj).
 DEFAULT_TARGET = r"(?:^|\.)language_model\.layers\.\d+\.self_attn\.[qkv]_proj$"
@@ -107,7 +107,7 @@ def attach(linear: Linear, a: jax.Array, b: jax.Array, scale: float, dropout: fl
     linear.lora_a = nnx.LoRAParam(a, axes=(axes[0], None))
     linear.lora_b = nnx.LoRAParam(b, axes=(None, axes[1]))
     linear.lora_scale = float(scale)
-    linear.lora_dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
+    linear.lora_dropout = Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
 
 
 def apply_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs, *, dtype=jnp.float32) -> list[str]:

@@ -52,7 +52,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * hd, use_bias=True, axes=(EMBED, KV_HEADS), **kw)
         self.o_proj = Linear(self.num_heads * hd, d, use_bias=False, axes=(HEADS, EMBED), **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask: dict):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -60,7 +60,7 @@ class Attention(nnx.Module):
         c, sn = cos[:, :, None, :], sin[:, :, None, :]
         q = q * c + rotate_half(q) * sn
         k = k * c + rotate_half(k) * sn
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(q, k, v, **mask)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -79,11 +79,23 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-    """[B, 1, S, S] bool: causal and restricted to real (mask == 1) keys."""
-    s = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+def attention_mask_args(attention_mask: jax.Array, cfg: TextConfig, *, packed: bool) -> dict:
+    """The mask of every decoder layer, in the cheapest form for the attention kernel.
+
+    ``attention_mask`` [R, S]: 0 = padding, else the token's segment id (1 in an unpacked row).
+    Packed rows attend within their own segment (block-diagonal); unpacked rows take a key
+    mask [R, 1, 1, S], or with the cuDNN kernel their valid lengths (rows right-padded).
+    Causal (the Qwen thinker) or bidirectional (``TextConfig.causal`` False) within a segment.
+    """
+    impl = cfg.attention_impl
+    if packed:
+        seg = attention_mask
+        mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] > 0)
+        return dict(mask=mask, causal=cfg.causal, implementation=impl)
+    if impl == "cudnn":
+        return dict(lengths=jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32), causal=cfg.causal,
+                    implementation=impl)
+    return dict(mask=(attention_mask > 0)[:, None, None, :], causal=cfg.causal, implementation=impl)
 
 
 # Rematerialisation of each decoder layer in the backward pass.
@@ -114,23 +126,25 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat = remat_name(remat)
 
-    def __call__(self, inputs_embeds: Float[Array, "b s d"], attention_mask: Int[Arr, "b s"],
-                 position_ids: Int[Arr, "3 b s"], *, pool_index: Int[Arr, "b"] | None = None
-                 ) -> tuple[Float[Array, "b s d"], Float[Array, "l b ..."]]:
+    def __call__(self, inputs_embeds: Float[Array, "r s d"], attention_mask: Int[Arr, "r s"],
+                 position_ids: Int[Arr, "3 r s"], *, pool_index: Int[Arr, "b"] | None = None, packed: bool = False
+                 ) -> tuple[Float[Array, "r s d"], Float[Array, "l ..."]]:
         """Run the decoder.
 
-        inputs_embeds [B, S, D]; attention_mask [B, S] (1 = real token); position_ids
-        [3, B, S]. Returns (last_hidden [B, S, D], hidden_states) where hidden_states is
-        [L+1, B, S, D], or [L+1, B, D] gathered at ``pool_index`` [B] when given.
+        inputs_embeds [R, S, D]; attention_mask [R, S] (0 = padding, else the segment id: 1 in
+        an unpacked row; with ``packed`` a row holds several sequences, see
+        ``attention_mask_args``); position_ids [3, R, S] (restarting in every segment). Returns
+        (last_hidden [R, S, D], hidden_states): [L+1, R, S, D], or [L+1, B, D] gathered at
+        ``pool_index`` [B], flat indices into the R * S tokens (one pooled token per sequence).
         """
         attention_mask, position_ids = jnp.asarray(attention_mask), jnp.asarray(position_ids)
         cos, sin = mrope_cos_sin(position_ids, self.cfg, self.dtype)
-        mask = causal_padding_mask(attention_mask)
+        mask = attention_mask_args(attention_mask, self.cfg, packed=packed)
 
         def keep(h):
             if pool_index is None:
                 return h
-            return jnp.take_along_axis(h, pool_index[:, None, None], axis=1)[:, 0]
+            return jnp.take(h.reshape(-1, h.shape[-1]), pool_index, axis=0)
 
         def run_layer(layer, h):
             return layer(h, cos, sin, mask)

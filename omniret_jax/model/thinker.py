@@ -71,13 +71,13 @@ class Thinker(nnx.Module):
             h = jnp.where((source == kind)[..., None], gathered, h)
         return h
 
-    def __call__(self, input_ids: Int[Arr, "b s"], attention_mask: Int[Arr, "b s"],
-                 position_ids: Int[Arr, "3 b s"], source: Int[Arr, "b s"], index: Int[Arr, "b s"],
+    def __call__(self, input_ids: Int[Arr, "r s"], attention_mask: Int[Arr, "r s"],
+                 position_ids: Int[Arr, "3 r s"], source: Int[Arr, "r s"], index: Int[Arr, "r s"],
                  media: dict[int, MediaFeatures] | None = None, *, pool_index: Int[Arr, "b"] | None = None,
-                 logits: bool = False):
-        """Returns (last_hidden [B,S,D], hidden_states, logits or None); see TextModel."""
+                 packed: bool = False, logits: bool = False):
+        """Returns (last_hidden [R, S, D], hidden_states, logits or None); see TextModel."""
         h = self.input_embeddings(input_ids, source, index, media or {})
-        last, states = self.language_model(h, attention_mask, position_ids, pool_index=pool_index)
+        last, states = self.language_model(h, attention_mask, position_ids, pool_index=pool_index, packed=packed)
         return last, states, (self.logits(last) if logits else None)
 
     def logits(self, h: Float[Array, "b s d"]) -> Float[Array, "b s v"]:

@@ -26,7 +26,7 @@ from omniret_jax.config import VisionConfig
 from omniret_jax.inputs import Arr, VisionLayout
 from omniret_jax.model.layers import (
     CONV, EMBED, VISION_EMBED, VISION_MLP, GatedMLP, Linear, RMSNorm, normal_init,
-    dot_product_attention, rotate_half,
+    rotate_half, segment_attention,
 )
 
 
@@ -80,14 +80,15 @@ class VisionAttention(nnx.Module):
         self.v = Linear(dim, dim, axes=(VISION_EMBED, VISION_MLP), **kw)
         self.proj = Linear(dim, dim, axes=(VISION_MLP, VISION_EMBED), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
+                 band: int | None) -> jax.Array:
         b, n, _ = x.shape
         split = lambda y: y.reshape(b, n, self.num_heads, self.head_dim)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         # Rotary in float32 like the reference, then back to the compute dtype.
         c, s = cos[:, :, None, :], sin[:, :, None, :]
         rope = lambda y: (y.astype(jnp.float32) * c + rotate_half(y.astype(jnp.float32)) * s).astype(y.dtype)
-        out = dot_product_attention(rope(q), rope(k), v, mask)
+        out = segment_attention(rope(q), rope(k), v, segments, band=band)
         return self.proj(out.reshape(b, n, -1))
 
 
@@ -100,8 +101,8 @@ class VisionBlock(nnx.Module):
                             axes_in=(VISION_EMBED, VISION_MLP), axes_out=(VISION_MLP, VISION_EMBED),
                             rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segments, band):
+        x = x + self.attn(self.norm1(x), cos, sin, segments, band)
         return x + self.mlp(self.norm2(x))
 
 
@@ -162,15 +163,16 @@ class VisionTower(nnx.Module):
         cos, sin = _rotary(layout.position_ids, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
 
         valid = layout.valid
-        # Padding attends to nothing (zero rows, no NaN from pad-only softmax) and is never a key.
-        pair = valid[:, :, None] & valid[:, None, :]
-
-        def seg_mask(seg):
-            return ((seg[:, :, None] == seg[:, None, :]) & pair)[:, None]
-
-        full_mask, window_mask = seg_mask(layout.full_segments), seg_mask(layout.window_segments)
+        # Windows are contiguous runs of at most window**2 patches in window order, so window
+        # attention runs block by block (cost P x window, not P x P); the full-attention blocks
+        # attend within each frame of each sample. Padding (segment -1) is never a key and its
+        # own rows are discarded.
+        window = (cfg.window_size // cfg.patch_size) ** 2
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_mask if i in self.full_attention else window_mask)
+            if i in self.full_attention:
+                x = block(x, cos, sin, layout.full_segments, None)
+            else:
+                x = block(x, cos, sin, layout.window_segments, window)
 
         merged = self.merger(x)                                                  # window order
         merged = jnp.take_along_axis(merged, layout.inverse_index[:, :, None], axis=1)
