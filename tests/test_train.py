@@ -361,16 +361,17 @@ def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monk
 
 
 def test_train_skips_nonfinite_steps_and_aborts_after_max_nonfinite(manifest, tmp_path, monkeypatch):
-    """NaN on steps 0, 2, 3 with max_nonfinite=1: 0 is skipped, 1 resets the count, 2 is skipped,
-    3 is the second consecutive one and aborts without saving."""
+    """NaN on micro-batches 0, 2, 3 with max_nonfinite=1: 0 is skipped, 1 makes update 1 (logged
+    with its skipped micro-batch) and resets the count, 2 is skipped, 3 is the second
+    consecutive one and aborts without saving."""
     c = _train_config(manifest)
     c.train.max_nonfinite = 1
     monkeypatch.setattr(trainer, "build_inputs", _poison({0, 2, 3}))
     with pytest.raises(FloatingPointError, match=r"2 consecutive steps .*train\.max_nonfinite=1"):
         trainer.train(c, tmp_path)
     logged = _metrics(tmp_path)
-    assert [(m["step"], m["skipped"]) for m in logged] == [(1, 1.0), (2, 0.0), (3, 1.0)]
-    assert [np.isfinite(m["loss"]) for m in logged] == [False, True, False]
+    assert [(m["step"], m["skipped"], m["micro_batches"]) for m in logged] == [(1, 1.0, 2.0)]
+    assert np.isfinite(logged[0]["loss"])
     assert _saved_steps(tmp_path) == []
 
 
@@ -415,3 +416,43 @@ def test_cli_smoke(tmp_path):
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     assert (work / "corpus" / "manifest.jsonl").exists()
     print(f"CLI smoke: {logged[-1]}")
+
+
+# ----------------------------------------------------------------------------- the schedule counts updates
+
+def _applied_lrs(accumulate: int, updates: int, lr: float = 1e-3) -> np.ndarray:
+    """The learning rate each update really applies, read off the parameters: with a constant
+    gradient Adam's bias-corrected step is lr * g / (|g| + eps), and weight decay is off."""
+    from omniret_jax.step import make_optimizer
+
+    tx = make_optimizer(lr=lr, total_steps=updates, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1e9,
+                        accumulate=accumulate)
+    params = {"w": np.zeros(3, np.float32)}
+    grads = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    opt = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for _ in range(updates):
+        before = np.asarray(params["w"]).copy()
+        for _ in range(accumulate):
+            delta, opt = update(grads, opt, params)
+            params = jax.tree.map(lambda p, d: p + d, params, delta)
+        step = np.asarray(params["w"]) - before
+        out.append(float(np.mean(-step / np.sign(grads["w"]))))
+    return np.asarray(out)
+
+
+def test_learning_rate_is_a_function_of_the_update_at_any_accumulation():
+    """100 updates at accumulate 1, 2, 4: update u applies the same LR, warm-up is 3 updates
+    (3 %), the peak comes at update 3, the last update's LR is 0."""
+    from omniret_jax.step import lr_schedule, warmup_steps
+
+    n, peak = 100, 1e-3
+    want = np.asarray([float(lr_schedule(lr=peak, total_updates=n, warmup_ratio=0.03)(u)) for u in range(n)])
+    assert warmup_steps(n, 0.03) == 3
+    assert want[0] == 0.0 and want[3] == np.float32(peak) and want[-1] == 0.0 and want[2] < want[3] > want[4]
+    for acc in (1, 2, 4):
+        got = _applied_lrs(acc, n, peak)
+        print(f"accumulate {acc}: LR of update 0 {got[0]:.3e}, 3 (warm-up end) {got[3]:.3e}, "
+              f"50 {got[50]:.3e}, 99 (last) {got[99]:.3e}")
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * peak)  # float32 parameter sums
