@@ -107,7 +107,13 @@ def _host_scalars(metrics) -> dict[str, float]:
     return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
 
 
-def _gather_rows(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
+    """What the hard-negative slot and the released pair rotation count for this micro-batch:
+    the optimizer update (paper: "cycles with the step") or the micro-batch (released code)."""
+    return micro_batch if loss_cfg.counter == "micro_batch" else update
+
+
+def gather_rows(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every process's per-row metadata, concatenated in process order (= global row order)."""
     from jax.experimental import multihost_utils
 
@@ -185,14 +191,13 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
 
     step_cfg = StepConfig(ecfg=ecfg, loss=lcfg)
     seed = int(c.train.seed)
-    by_micro = lcfg.counter == "micro_batch"
 
     def step_fn(params, frozen_state, opt, inputs, micro_index, counter):
         # Adapter dropout of micro-batch m draws from fold_in(key(seed), m): a resumed run draws the same masks.
         key = jax.random.fold_in(jax.random.key(seed), micro_index)
         return train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt, tx=tx, cfg=step_cfg)
 
-    gather = _gather_rows if jax.process_count() > 1 else None
+    gather = gather_rows if jax.process_count() > 1 else None
     jitted = None
     writer = MetricsWriter(workdir)
     last: dict[str, float] = {}
@@ -206,7 +211,7 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
         while updates < total:
             t0 = time.perf_counter()
             batch = next(pipeline)
-            counter = micro if by_micro else updates
+            counter = rotation_count(lcfg, micro, updates)
             host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
                                 text_negative=c.data.text_negative, gather=gather, row_offset=rows[0])
             inputs = sharding.shard_batch(host, mesh)  # every input leaf is batch-first

@@ -406,13 +406,16 @@ def test_cli_unknown_config_key(tmp_path):
 
 @pytest.mark.slow
 def test_cli_smoke(tmp_path):
+    """The CLI with 2 data workers on a corpus it synthesises; exits cleanly."""
     work = tmp_path / "run"
     r = _cli("--config", "configs/tiny.py:pairwise", "--workdir", str(work), "--config.train.steps=3",
-             "--config.data.synth_n=8", "--config.train.batch_size=4")
+             "--config.data.synth_n=8", "--config.train.batch_size=4", "--config.data.num_workers=2")
     assert r.returncode == 0, r.stderr[-3000:]
+    for bad in ("Traceback", "Exception ignored", "leaked shared_memory"):
+        assert bad not in r.stderr, r.stderr[-3000:]
     logged = _metrics(work)
     assert logged[-1]["step"] == 3 and np.isfinite(logged[-1]["loss"]) and logged[-1]["skipped"] == 0
-    assert {"L_A", "L_A/T-V", "L_A/T-A", "L_A/V-A", "grad_norm", "examples_per_s"} <= logged[-1].keys()
+    assert {"L_A", "L_A/T-V", "L_A/T-A", "L_A/V-A", "grad_norm", "examples_per_s", "lr"} <= logged[-1].keys()
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     assert (work / "corpus" / "manifest.jsonl").exists()
     print(f"CLI smoke: {logged[-1]}")
@@ -456,3 +459,80 @@ def test_learning_rate_is_a_function_of_the_update_at_any_accumulation():
         print(f"accumulate {acc}: LR of update 0 {got[0]:.3e}, 3 (warm-up end) {got[3]:.3e}, "
               f"50 {got[50]:.3e}, 99 (last) {got[99]:.3e}")
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * peak)  # float32 parameter sums
+
+
+# ----------------------------------------------------------------------------- accumulation in train()
+
+def test_rotation_counts_updates_for_the_paper_and_micro_batches_for_the_released_recipe():
+    from omniret_jax.losses import LossConfig
+
+    paper, released = LossConfig(recipe="paper"), LossConfig(recipe="released")
+    assert [trainer.rotation_count(paper, m, m // 8) for m in range(17)] == [m // 8 for m in range(17)]
+    assert [trainer.rotation_count(released, m, m // 8) for m in range(17)] == list(range(17))
+    assert trainer.rotation_count(LossConfig(recipe="released", rotation="update"), 9, 1) == 1
+
+
+def _accumulating_config(manifest: Path):
+    c = _train_config(manifest)
+    c.train.steps, c.optim.accumulate = 3, 2
+    return c
+
+
+def _spy(calls: list):
+    def build(batch, step, *args, **kwargs):
+        calls.append((step, kwargs["counter"]))
+        return batch_mod.build_inputs(batch, step, *args, **kwargs)
+    return build
+
+
+@pytest.fixture(scope="module")
+def accumulated(manifest, tmp_path_factory):
+    """An uninterrupted run of 3 updates x 2 micro-batches, saving every update."""
+    c = _accumulating_config(manifest)
+    c.train.ckpt_every = 1
+    workdir, calls = tmp_path_factory.mktemp("accumulated"), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_inputs", _spy(calls))
+        trainer.train(c, workdir)
+    return workdir, calls
+
+
+def test_steps_count_updates_and_metrics_log_the_lr(manifest, accumulated):
+    from omniret_jax.step import lr_schedule
+
+    c = _accumulating_config(manifest)
+    workdir, calls = accumulated
+    logged = _metrics(workdir)
+    schedule = lr_schedule(lr=c.optim.lr, total_updates=3, warmup_ratio=c.optim.warmup_ratio)
+    assert [(m["step"], m["micro_batches"]) for m in logged] == [(1, 2.0), (2, 4.0), (3, 6.0)]
+    assert [m["lr"] for m in logged] == [float(schedule(u)) for u in range(3)]
+    assert logged[0]["lr"] == 0.0 and logged[1]["lr"] == np.float32(c.optim.lr) and logged[-1]["lr"] == 0.0
+    assert calls == [(m, m // 2) for m in range(6)]  # paper: the slot cycles with the update
+    assert _saved_steps(workdir) == [1, 2, 3]
+    print(f"accumulate 2: lr per update {[m['lr'] for m in logged]}, losses {[round(m['loss'], 5) for m in logged]}")
+
+
+@pytest.mark.slow
+def test_resume_mid_accumulation_is_bitwise(manifest, accumulated, tmp_path, monkeypatch):
+    """SIGTERM during micro-batch 2 (the first of update 2): the run finishes that update, saves it
+    and stops; resumed, it trains update 3 bitwise equal to the uninterrupted run."""
+    c = _accumulating_config(manifest)
+    straight, _ = accumulated
+    calls: list = []
+
+    def stop_in_micro_batch_2(batch, step, *args, **kwargs):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _spy(calls)(batch, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_inputs", stop_in_micro_batch_2)
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2] and [m for m, _ in calls] == [0, 1, 2, 3]
+    monkeypatch.setattr(trainer, "build_inputs", _spy(calls))
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2, 3] and calls == [(m, m // 2) for m in range(6)]
+    a, b = _metrics(straight), _metrics(tmp_path)
+    assert [(m["step"], m["loss"], m["lr"]) for m in a] == [(m["step"], m["loss"], m["lr"]) for m in b]
+    n = _assert_same_state(c, straight, tmp_path, 3)
+    print(f"SIGTERM in micro-batch 2 of 6 (accumulate 2): {n} trainable leaves and the optimizer state (with its "
+          "gradient accumulator) bitwise equal at update 3")

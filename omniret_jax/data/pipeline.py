@@ -46,6 +46,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -533,6 +534,20 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def _close_quietly(iterator) -> None:
+    try:
+        iterator.close()
+    except Exception as e:  # a worker that already died; nothing left to release
+        import logging
+
+        logging.getLogger(__name__).debug("closing the input pipeline: %s", e)
+    # Samples still buffered between the workers and the batcher hold shared-memory blocks that
+    # are unlinked when they are deleted: collect them now, not in the resource tracker at exit.
+    import gc
+
+    gc.collect()
+
+
 def process_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
     """Rows [start, stop) of a global batch that process ``process_index`` reads when the
     processes split it into equal contiguous parts."""
@@ -615,7 +630,11 @@ class DataPipeline:
             stream = grain.experimental.ThreadPrefetchIterDataset(
                 stream, prefetch_buffer_size=c.prefetch_batches)
         self._iterator = stream.__iter__()
-        self._closed = False
+        # Closing stops the worker processes, unlinks their shared memory and joins the prefetch
+        # thread. A pipeline that is never closed is closed when it is collected or, at the
+        # latest, at interpreter exit while modules are still intact (atexit): grain's own
+        # __del__ would run after module teardown and print tracebacks, and leak shared memory.
+        self._finalizer = weakref.finalize(self, _close_quietly, self._iterator)
 
     def __iter__(self):
         return self
@@ -648,9 +667,7 @@ class DataPipeline:
         """Stops the worker processes and the prefetch thread (idempotent). Closing explicitly,
         rather than leaving it to garbage collection at interpreter exit, is what keeps grain's
         iterators from printing ``DatasetIterator.__del__`` tracebacks."""
-        if not self._closed:
-            self._closed = True
-            self._iterator.close()
+        self._finalizer()
 
     def __enter__(self):
         return self
