@@ -9,6 +9,8 @@ Trains ``--config`` (default configs/tiny.py, its synthetic corpus generated onc
 - rss_mb: this process's resident set; workers_mb: the data worker processes' (psutil);
 - live_arrays: ``jax.live_arrays()`` (device buffers still referenced from Python);
 - objects: ``len(gc.get_objects())`` (Python objects tracked by the collector);
+- compiles: XLA backend compilations so far (jax.monitoring): flat after the first updates
+  means no program is recompiled per step;
 - with ``--tracemalloc``, the 10 source lines whose allocations grew most between the first
   and the last report step.
 Writes ``<out>/soak.jsonl`` (one sample per ``--every`` updates) and prints the values at the
@@ -18,6 +20,7 @@ object (also written to ``--json``).
 
 COMMAND: python bench/soak.py --steps 3000 --workers 0 --out /tmp/soak0
 COMMAND: python bench/soak.py --steps 3000 --workers 2 --out /tmp/soak2
+COMMAND: python bench/soak.py --steps 3000 --workers 2 --out /tmp/soak2_b2 --set train.batch_size=2
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--every", type=int, default=10, help="sample every this many updates")
     p.add_argument("--report", default="100,1000,3000", help="updates to report")
     p.add_argument("--tracemalloc", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.batch_size=2 (repeatable)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
@@ -86,8 +91,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{out} holds a previous run; give a fresh --out")
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(args.corpus) if args.corpus else out.parent / "soak_corpus"
-    c = build.load_config(args.config, {"train.steps": args.steps, "train.ckpt_every": args.ckpt_every,
-                                        "train.log_every": args.log_every, "data.num_workers": args.workers})
+    overrides = {"train.steps": args.steps, "train.ckpt_every": args.ckpt_every, "train.log_every": args.log_every,
+                 "data.num_workers": args.workers}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = type(build.load_config(args.config)[key.split(".")[0]][key.split(".")[1]])(value)
+    c = build.load_config(args.config, overrides)
     if not c.data.manifest:
         manifest = corpus / "manifest.jsonl"
         if not manifest.exists():
@@ -97,6 +106,13 @@ def main(argv=None) -> dict:
                      settings=SynthSettings(seconds=c.data.synth_seconds, size=c.data.synth_size))
         c.data.manifest = str(manifest)
     report = sorted({int(s) for s in args.report.split(",") if s} | {args.steps})
+    compiles = [0]
+
+    def on_event(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     proc = psutil.Process(os.getpid())
     samples: list[dict] = []
     snapshots = {}
@@ -110,7 +126,8 @@ def main(argv=None) -> dict:
             return
         s = {"update": update, "micro_batches": micro, "rss_mb": round(_rss_mb(proc), 1),
              "workers_mb": round(_workers_mb(proc), 1), "live_arrays": len(jax.live_arrays()),
-             "objects": len(gc.get_objects()), "seconds": round(time.perf_counter() - t0, 1)}
+             "objects": len(gc.get_objects()), "compiles": compiles[0],
+             "seconds": round(time.perf_counter() - t0, 1)}
         samples.append(s)
         log.write(json.dumps(s) + "\n")
         log.flush()
@@ -120,17 +137,19 @@ def main(argv=None) -> dict:
     trainer.train(c, out, on_update=on_update)
     log.close()
     at = {s["update"]: s for s in samples}
-    print(f"\n{'update':>7} {'RSS MB':>8} {'workers MB':>10} {'live arrays':>11} {'objects':>9} {'s':>7}")
+    print(f"\n{'update':>7} {'RSS MB':>8} {'workers MB':>10} {'live arrays':>11} {'objects':>9} {'compiles':>8} "
+          f"{'s':>7}")
     for u in report:
         if u in at:
             s = at[u]
             print(f"{u:7d} {s['rss_mb']:8.1f} {s['workers_mb']:10.1f} {s['live_arrays']:11d} {s['objects']:9d} "
-                  f"{s['seconds']:7.1f}")
+                  f"{s['compiles']:8d} {s['seconds']:7.1f}")
     result = {"config": args.config, "workers": args.workers, "updates": args.steps,
               "batch_size": int(c.train.batch_size), "accumulate": int(c.optim.accumulate),
               "rss_mb": {str(u): at[u]["rss_mb"] for u in report if u in at},
               "workers_mb": {str(u): at[u]["workers_mb"] for u in report if u in at},
               "live_arrays": {str(u): at[u]["live_arrays"] for u in report if u in at},
+              "compiles": {str(u): at[u]["compiles"] for u in report if u in at},
               "rss_slope_mb_per_1000_updates": round(_slope(samples, "rss_mb"), 2),
               "workers_slope_mb_per_1000_updates": round(_slope(samples, "workers_mb"), 2)}
     print(f"RSS slope over the second half: {result['rss_slope_mb_per_1000_updates']} MB per 1000 updates "

@@ -104,7 +104,8 @@ class MetricsWriter:
 def _host_scalars(metrics) -> dict[str, float]:
     """Replicated scalar metrics as Python floats, read from this process's own copy (works
     with several processes, where a global array cannot be fetched whole)."""
-    return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+    local = jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()})  # one transfer
+    return {k: float(v) for k, v in local.items()}
 
 
 def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
