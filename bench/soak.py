@@ -6,7 +6,9 @@
 Trains ``--config`` (default configs/tiny.py, its synthetic corpus generated once into
 ``--corpus``) through ``omniret_jax.train.train`` exactly as the CLI does (checkpoints every
 ``--ckpt-every`` updates, metrics every ``--log-every``) and samples after every update:
-- rss_mb: this process's resident set; workers_mb: the data worker processes' (psutil);
+- rss_mb: this process's resident set, anon_mb its anonymous part (RssAnon: what a leak grows;
+  RSS also counts file-backed pages the kernel may reclaim); workers_mb: the data worker
+  processes' RSS (psutil);
 - live_arrays: ``jax.live_arrays()`` (device buffers still referenced from Python);
 - objects: ``len(gc.get_objects())`` (Python objects tracked by the collector);
 - compiles: XLA backend compilations so far (jax.monitoring): flat after the first updates
@@ -45,6 +47,16 @@ from omniret_jax import train as trainer  # noqa: E402
 
 def _rss_mb(proc: psutil.Process) -> float:
     return proc.memory_info().rss / 2**20
+
+
+def _anon_mb() -> float:
+    """RssAnon of this process: its heap and anonymous mappings, without file-backed pages (shared
+    libraries) that the kernel may drop under memory pressure elsewhere, which moves plain RSS."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _workers_mb(proc: psutil.Process) -> float:
@@ -125,6 +137,7 @@ def main(argv=None) -> dict:
         if update % args.every and update not in report:
             return
         s = {"update": update, "micro_batches": micro, "rss_mb": round(_rss_mb(proc), 1),
+             "anon_mb": round(_anon_mb(), 1),
              "workers_mb": round(_workers_mb(proc), 1), "live_arrays": len(jax.live_arrays()),
              "objects": len(gc.get_objects()), "compiles": compiles[0],
              "seconds": round(time.perf_counter() - t0, 1)}
@@ -137,23 +150,25 @@ def main(argv=None) -> dict:
     trainer.train(c, out, on_update=on_update)
     log.close()
     at = {s["update"]: s for s in samples}
-    print(f"\n{'update':>7} {'RSS MB':>8} {'workers MB':>10} {'live arrays':>11} {'objects':>9} {'compiles':>8} "
-          f"{'s':>7}")
+    print(f"\n{'update':>7} {'RSS MB':>8} {'anon MB':>8} {'workers MB':>10} {'live arrays':>11} {'objects':>9} "
+          f"{'compiles':>8} {'s':>7}")
     for u in report:
         if u in at:
             s = at[u]
-            print(f"{u:7d} {s['rss_mb']:8.1f} {s['workers_mb']:10.1f} {s['live_arrays']:11d} {s['objects']:9d} "
-                  f"{s['compiles']:8d} {s['seconds']:7.1f}")
+            print(f"{u:7d} {s['rss_mb']:8.1f} {s['anon_mb']:8.1f} {s['workers_mb']:10.1f} {s['live_arrays']:11d} "
+                  f"{s['objects']:9d} {s['compiles']:8d} {s['seconds']:7.1f}")
     result = {"config": args.config, "workers": args.workers, "updates": args.steps,
               "batch_size": int(c.train.batch_size), "accumulate": int(c.optim.accumulate),
               "rss_mb": {str(u): at[u]["rss_mb"] for u in report if u in at},
+              "anon_mb": {str(u): at[u]["anon_mb"] for u in report if u in at},
               "workers_mb": {str(u): at[u]["workers_mb"] for u in report if u in at},
               "live_arrays": {str(u): at[u]["live_arrays"] for u in report if u in at},
               "compiles": {str(u): at[u]["compiles"] for u in report if u in at},
               "rss_slope_mb_per_1000_updates": round(_slope(samples, "rss_mb"), 2),
+              "anon_slope_mb_per_1000_updates": round(_slope(samples, "anon_mb"), 2),
               "workers_slope_mb_per_1000_updates": round(_slope(samples, "workers_mb"), 2)}
-    print(f"RSS slope over the second half: {result['rss_slope_mb_per_1000_updates']} MB per 1000 updates "
-          f"(workers {result['workers_slope_mb_per_1000_updates']})")
+    print("slope over the second half, MB per 1000 updates: RSS {rss_slope_mb_per_1000_updates}, anonymous "
+          "{anon_slope_mb_per_1000_updates}, workers {workers_slope_mb_per_1000_updates}".format(**result))
     if len(snapshots) >= 2:
         first, last = snapshots[min(snapshots)], snapshots[max(snapshots)]
         print(f"tracemalloc: growth between update {min(snapshots)} and {max(snapshots)}")
