@@ -78,7 +78,7 @@ def _per_worker(records, cfg: PipelineConfig) -> float:
     load = LoadSample(cfg)
     t0 = time.perf_counter()
     for i, r in enumerate(records):
-        out = load.random_map(r, np.random.default_rng(i))
+        out = load(r, np.random.default_rng(i))
         if SKIP in out:
             raise RuntimeError(f"benchmark clip {r.id} was skipped: {out[SKIP]}")
     return len(records) / (time.perf_counter() - t0)
@@ -96,7 +96,7 @@ def _pipeline(records, cfg: PipelineConfig, batches: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=32, help="clips to measure")
-    parser.add_argument("--workers", type=int, default=2, help="pipeline worker processes")
+    parser.add_argument("--workers", type=int, default=2, help="pipeline worker processes (0: in this process)")
     parser.add_argument("--out", default="/tmp/omniret_synth_bench", help="corpus directory")
     parser.add_argument("--seconds", type=float, default=8.0, help="clip length of the corpus")
     parser.add_argument("--size", type=int, default=224, help="frame size of the corpus")
@@ -114,11 +114,8 @@ def main(argv=None):
     anchor = _per_worker(records, base)
     both = _per_worker(records, PipelineConfig(batch_size=8, num_epochs=None, audio_mode="random",
                                                augment=True))
-    piped = None
-    if args.workers > 0:
-        piped = _pipeline(records, PipelineConfig(batch_size=8, num_epochs=None, augment=True,
-                                                  audio_mode="random", num_workers=args.workers),
-                          args.batches)
+    piped = _pipeline(records, PipelineConfig(batch_size=8, num_epochs=None, augment=True, audio_mode="random",
+                                              on_bad_sample="replace", num_workers=args.workers), args.batches)
     need = GLOBAL_BATCH * STEPS_PER_S
     result = {
         "clip_seconds": args.seconds, "clip_size": args.size, "n": len(records),
@@ -128,11 +125,11 @@ def main(argv=None):
         "workers_needed": math.ceil(need / anchor),
         "workers_needed_with_aug_view": math.ceil(need / both),
         "pipeline_workers": args.workers,
-        "pipeline_clips_per_s": None if piped is None else round(piped, 2),
+        "pipeline_clips_per_s": round(piped, 2),
     }
     print(f"per worker: {anchor:.2f} clips/s (anchor view), {both:.2f} clips/s (anchor + augmented view)")
-    if piped is not None:
-        print(f"grain pipeline, {args.workers} workers, with augmented view: {piped:.2f} clips/s")
+    where = f"{args.workers} workers" if args.workers else "no workers (decoding in this process)"
+    print(f"grain pipeline, {where}, with augmented view: {piped:.2f} clips/s")
     print(f"global batch {GLOBAL_BATCH} at {STEPS_PER_S:g} step/s needs {need:.0f} clips/s: "
           f"{result['workers_needed']} workers (anchor only), "
           f"{result['workers_needed_with_aug_view']} workers (with augmented view)")

@@ -23,6 +23,17 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         synth_n=256, synth_seconds=3.0, synth_size=64, synth_seed=0,
         num_frames=8, min_pixels=50176, max_pixels=50176, audio_seconds=8.0, audio_mode="start",
         on_missing_audio="silence", max_caption_chars=2048, num_workers=0,
+        # A caption over the token budget (embed.text_len - 1 tokens, printed at
+        # start-up) is truncated (the reference never cuts one: fixed shapes need a bound) or
+        # skipped; counted under caption/too_many_tokens either way.
+        on_long_caption="truncate",
+        # The text hard negative: another row's caption ("batch", the paper) or a random other
+        # record's ("dataset", the released data_qwen.py L850-853).
+        text_negative="batch",
+        # Manifest lines that do not validate: "skip" (counted with their line numbers) or "error".
+        on_bad_record="skip",
+        # A record that fails to load is replaced by random records drawn from (seed, slot).
+        max_replacements=64,
     ))
     c.embed = ml_collections.ConfigDict(dict(
         text_len=128, length_multiple=8, pack=(), text_fusion_head=False, audio_in_video=False,
@@ -32,12 +43,17 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         preset=preset, recipe="paper", l_A=1.0, l_D=1.0, l_T=1.0, temperature=0.01,
         tuple_similarity="joint", hard_negative_pool="",
+        rotation="",                # "" = the recipe's: "update" (paper) or "micro_batch" (released)
     ))
     c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.05))
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-5, warmup_ratio=0.03, weight_decay=0.01, clip_norm=1.0, accumulate=1,
+        lr=1e-5, warmup_ratio=0.03, weight_decay=0.01, clip_norm=1.0,
+        accumulate=1,               # micro-batches per update; train.steps counts updates
+        decay="all",                # weight decay on "all" trainables or "no_bias_norm"
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # steps, log_every, ckpt_every count optimizer updates; batch_size is the global micro-batch
+    # (an update sees batch_size x optim.accumulate samples); max_nonfinite counts micro-batches.
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, seed=0, log_every=10, ckpt_every=500, keep=3, max_nonfinite=10,
     ))

@@ -97,7 +97,7 @@ def loss_config(c) -> LossConfig:
     return LossConfig.from_preset(
         c.loss.preset, recipe=c.loss.recipe, l_A=c.loss.l_A, l_D=c.loss.l_D, l_T=c.loss.l_T,
         temperature=c.loss.temperature, tuple_similarity=c.loss.tuple_similarity,
-        hard_negative_pool=c.loss.hard_negative_pool or None)
+        hard_negative_pool=c.loss.hard_negative_pool or None, rotation=c.loss.get("rotation") or None)
 
 
 def embed_config(c) -> EmbedConfig:

@@ -111,13 +111,19 @@ def _is_float(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
+def _local_scalar(x) -> Any:
+    """A replicated scalar's value from this process's own copy (a multi-host array cannot be
+    fetched whole; every process holds the replicated result)."""
+    return np.asarray(x.addressable_data(0)).item() if isinstance(x, jax.Array) else np.asarray(x).item()
+
+
 def assert_finite(tree: Any, what: str) -> None:
     """Raises NonFiniteError naming the first leaf (tree order) holding NaN or Inf."""
     flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(_plain(tree))[0] if _is_float(x)]
-    finite = jax.device_get([jnp.isfinite(x).all() for _, x in flat])  # one host sync
+    finite = [_local_scalar(jnp.isfinite(x).all()) for _, x in flat]
     for (path, x), ok in zip(flat, finite):
         if not ok:
-            n_nan, n_inf = int(jnp.isnan(x).sum()), int(jnp.isinf(x).sum())
+            n_nan, n_inf = int(_local_scalar(jnp.isnan(x).sum())), int(_local_scalar(jnp.isinf(x).sum()))
             raise NonFiniteError(
                 f"{what}: leaf '{_leaf_path(path)}' {tuple(x.shape)} {x.dtype} has {n_nan} NaN "
                 f"and {n_inf} Inf of {math.prod(x.shape)} values; refusing to checkpoint it")

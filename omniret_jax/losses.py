@@ -36,6 +36,7 @@ PRESETS = {
 RECIPES = ("paper", "released")
 TUPLE_SIMILARITIES = ("joint", "cross_modal_mean")
 NEGATIVE_POOLS = ("own", "batch")
+ROTATIONS = ("update", "micro_batch")
 _PAPER_PAIRS = (("T", "V"), ("T", "A"), ("V", "A"))
 _RELEASED_PAIRS = (("T", "A"), ("T", "V"), ("A", "V"))
 
@@ -54,6 +55,12 @@ class LossConfig:
       anchor sees the hard negatives of the whole global batch, which is what the released code
       does per device (it concatenates the local negatives of all samples and does not gather
       them; this port gathers them). None picks "own" for "paper" and "batch" for "released".
+    rotation: what the hard-negative slot (text, audio, video) and the released recipe's pair
+      rotation count: "update" (the paper: "cycles deterministically with the step", the
+      optimizer step) or "micro_batch" (the released code's forward counters `_neg_step` /
+      `_tuple_step`, modeling L3074-3075 and L3180-3185, advance once per micro-batch, 8 per
+      update at GRAD_ACCUM=8). None picks "update" for "paper" and "micro_batch" for "released".
+      The trainer passes the chosen count as ``step`` to compute_losses and the host layout.
     """
 
     recipe: str = "paper"
@@ -64,6 +71,7 @@ class LossConfig:
     temperature: float = 0.01
     tuple_similarity: str = "joint"
     hard_negative_pool: str | None = None
+    rotation: str | None = None
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -77,6 +85,8 @@ class LossConfig:
                 f"hard_negative_pool={self.hard_negative_pool!r}; expected None or one of "
                 f"{NEGATIVE_POOLS}"
             )
+        if self.rotation not in (None, *ROTATIONS):
+            raise ValueError(f"rotation={self.rotation!r}; expected None or one of {ROTATIONS}")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0")
         terms = tuple(self.terms)
@@ -97,6 +107,13 @@ class LossConfig:
         if self.hard_negative_pool is not None:
             return self.hard_negative_pool
         return "own" if self.recipe == "paper" else "batch"
+
+    @property
+    def counter(self) -> str:
+        """The resolved ``rotation``."""
+        if self.rotation is not None:
+            return self.rotation
+        return "update" if self.recipe == "paper" else "micro_batch"
 
 
 def needed_views(cfg: LossConfig) -> ViewPlan:

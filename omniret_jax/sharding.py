@@ -222,7 +222,27 @@ def state_shardings(state, mesh: Mesh, rules=None):
 
 def shard_state(state, mesh: Mesh, rules=None):
     """``state`` placed on the mesh according to the rules."""
-    return jax.device_put(state, state_shardings(state, mesh, rules))
+    return put(state, state_shardings(state, mesh, rules))
+
+
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works when the shardings span devices of
+    other processes (multi-host): each process then builds its own shards from its host copy
+    of the full value, which must be the same on every process (``jax.make_array_from_callback``)."""
+    def one(x, s):
+        if s.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    leaves, treedef = jax.tree.flatten(tree)
+    sh_leaves = treedef.flatten_up_to(shardings)
+    return treedef.unflatten([one(x, s) for x, s in zip(leaves, sh_leaves)])
+
+
+def replicated(value, mesh: Mesh) -> jax.Array:
+    """A host value (the same on every process) as an array replicated over the whole mesh."""
+    return put(np.asarray(value), NamedSharding(mesh, PartitionSpec()))
 
 
 # -- data ------------------------------------------------------------------------------
@@ -283,6 +303,22 @@ def shard_batch(batch, mesh: Mesh, *, batch_axis: int = 0, rules=None):
     return jax.tree.map(put, batch)
 
 
+def process_rows(mesh: Mesh, global_batch: int, *, rules=None) -> tuple[int, int]:
+    """Rows [start, stop) of a batch-sharded global batch that live on this process's devices.
+
+    The input pipeline reads exactly these rows of every global batch (``shard_batch`` places
+    them there); they must be one contiguous block, which the meshes of ``make_mesh`` give."""
+    sh = batch_sharding(mesh, global_batch, rules=rules)
+    starts = sorted({(idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
+                     for idx in sh.addressable_devices_indices_map((global_batch,)).values()})
+    start, stop = starts[0][0], starts[-1][1]
+    covered = sum(b - a for a, b in starts)
+    if covered != stop - start or any(b[0] != a[1] for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"process {jax.process_index()} holds batch rows {starts} of {global_batch}: not one "
+                         "contiguous block; order the mesh devices by process")
+    return start, stop
+
+
 # -- multi-host ------------------------------------------------------------------------
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, *, auto: bool = False) -> bool:
@@ -302,6 +338,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                   or any(a is not None for a in (coordinator_address, num_processes, process_id)))
     if not configured:
         return False
+    # CPU devices of several processes need a collectives backend (jax's default is none);
+    # harmless for accelerator runs, whose CPU client is not used for the model.
+    if not jax.config.jax_cpu_collectives_implementation:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return True

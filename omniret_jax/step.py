@@ -10,6 +10,7 @@ drew on the host, so its token layout matches the swapped clip.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +51,53 @@ class StepConfig:
     loss: LossConfig
 
 
+def warmup_steps(total_updates: int, warmup_ratio: float) -> int:
+    """Warm-up length in updates: ceil(ratio * updates), at least 1 (as transformers' Trainer counts it)."""
+    return max(1, math.ceil(warmup_ratio * total_updates))
+
+
+def lr_schedule(*, lr: float, total_updates: int, warmup_ratio: float) -> optax.Schedule:
+    """Learning rate of update u (0-based): linear warm-up from 0 over ``warmup_steps`` updates,
+    then a cosine that reaches 0 at the last update (u = total_updates - 1)."""
+    if total_updates < 1:
+        raise ValueError(f"total_updates={total_updates} must be >= 1")
+    warmup = warmup_steps(total_updates, warmup_ratio)
+    last = max(total_updates - 1, warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, last, end_value=0.0)
+
+
+def decay_mask(rule: str):
+    """Which trainables weight decay applies to: "all", or "no_bias_norm" (every weight but biases
+    and LayerNorm/RMSNorm parameters: transformers' Trainer grouping, which the released
+    recipe inherits)."""
+    if rule == "all":
+        return None
+    if rule != "no_bias_norm":
+        raise ValueError(f"weight decay rule {rule!r}; expected 'all' or 'no_bias_norm'")
+
+    def mask(params):
+        def keep(path, _):
+            names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+            return not any(n == "bias" or "norm" in n.lower() or n.endswith("_ln") for n in names)
+        return jax.tree_util.tree_map_with_path(keep, params)
+
+    return mask
+
+
 def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_decay: float,
-                   clip_norm: float, accumulate: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up + cosine decay and global-norm clipping; ``accumulate`` micro-steps per update."""
-    warmup = max(1, int(round(warmup_ratio * total_steps)))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+                   clip_norm: float, accumulate: int, decay: str = "all") -> optax.GradientTransformation:
+    """AdamW with linear warm-up + cosine decay (``lr_schedule``) and global-norm clipping.
+
+    ``total_steps`` counts optimizer *updates*; each update averages the gradients of
+    ``accumulate`` micro-batches (``optax.MultiSteps``, whose inner state advances once per
+    update, so the schedule is the same function of the update index at any accumulation).
+    Clipping applies to the averaged gradient of the update, as in transformers' Trainer.
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate={accumulate} must be >= 1")
+    schedule = lr_schedule(lr=lr, total_updates=total_steps, warmup_ratio=warmup_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask(decay)))
     return optax.MultiSteps(tx, every_k_schedule=accumulate) if accumulate > 1 else tx
 
 

@@ -1,10 +1,22 @@
 """``python -m omniret_jax.train --config configs/<x>.py --workdir DIR [--config.<key>=<value>]``.
 
 One readable loop: the model factory (``omniret_jax.build``) builds or loads the WAVE
-model with LoRA, split once into trainable / frozen state placed on the mesh; then
-step: host-side token layout -> jitted pure step -> metrics (progress bar, JSONL,
-TensorBoard) -> checkpoint. Resumes from the newest good checkpoint in the workdir; SIGTERM
-saves and exits 0.
+model with LoRA, split once into trainable / frozen state placed on the mesh; then per
+micro-batch: host-side token layout -> jitted pure step -> and at each optimizer update
+(``optim.accumulate`` micro-batches) metrics (progress bar, JSONL, TensorBoard) and
+checkpoint. Resumes from the newest good checkpoint in the workdir; SIGTERM saves at the next
+update and exits 0.
+
+Counting: ``train.steps``, ``log_every`` and ``ckpt_every`` count optimizer updates (the
+learning-rate schedule's unit); the loop runs ``steps x accumulate`` micro-batches of
+``train.batch_size`` samples (more when a non-finite micro-batch is skipped: it does not count
+towards its update). Checkpoints are taken at update boundaries only, holding the update
+count, the micro-batch count and the pipeline state, so a resumed run continues bitwise.
+
+Several processes (``--config.distributed.*``, or a cluster jax.distributed detects): each
+reads its rows of every global batch, lays them out, and exchanges the small per-row metadata
+the hard negatives need; the arrays on the devices are global, so the step is the same program
+as on one process with as many devices.
 """
 
 from __future__ import annotations
@@ -14,7 +26,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
@@ -23,30 +34,46 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import define_config_flag
 from omniret_jax.checkpoint import TrainCheckpointer
-from omniret_jax.data.batch import build_inputs
+from omniret_jax.data.batch import build_inputs, caption_token_budget
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
-from omniret_jax.step import StepConfig, make_optimizer, train_step
+from omniret_jax.step import StepConfig, lr_schedule, make_optimizer, train_step
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-def build_pipeline(c, workdir: Path, *, augment: bool) -> DataPipeline:
-    manifest = c.data.manifest
-    if not manifest:
-        corpus = workdir / "corpus"
-        manifest = corpus / "manifest.jsonl"
-        if not manifest.exists() and jax.process_index() == 0:
-            from omniret_jax.data.synth import SynthSettings, generate
+        multihost_utils.sync_global_devices(name)
 
-            generate(str(corpus), c.data.synth_n, seed=c.data.synth_seed,
-                     settings=SynthSettings(seconds=c.data.synth_seconds, size=c.data.synth_size))
-    pcfg = PipelineConfig(
-        batch_size=c.train.batch_size // jax.process_count(), seed=c.train.seed, num_frames=c.data.num_frames,
-        min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels, audio_seconds=c.data.audio_seconds,
-        audio_mode=c.data.audio_mode, on_missing_audio=c.data.on_missing_audio,
-        max_caption_chars=c.data.max_caption_chars, augment=augment, num_workers=c.data.num_workers)
-    return DataPipeline(str(manifest), pcfg, process_index=jax.process_index(), process_count=jax.process_count())
+
+def manifest_path(c, workdir: Path) -> Path:
+    """The configured manifest, or the synthetic corpus generated (by process 0) into the workdir."""
+    if c.data.manifest:
+        return Path(c.data.manifest)
+    corpus = workdir / "corpus"
+    manifest = corpus / "manifest.jsonl"
+    if not manifest.exists() and jax.process_index() == 0:
+        from omniret_jax.data.synth import SynthSettings, generate
+
+        generate(str(corpus), c.data.synth_n, seed=c.data.synth_seed,
+                 settings=SynthSettings(seconds=c.data.synth_seconds, size=c.data.synth_size))
+    _barrier("omniret_synthetic_corpus")
+    return manifest
+
+
+def pipeline_config(c, *, augment: bool, caption_tokens: int | None = None) -> PipelineConfig:
+    """The training input settings of config ``c`` (global batch = train.batch_size)."""
+    d = c.data
+    return PipelineConfig(
+        batch_size=c.train.batch_size, seed=c.train.seed, num_frames=d.num_frames,
+        min_pixels=d.min_pixels, max_pixels=d.max_pixels, audio_seconds=d.audio_seconds,
+        audio_mode=d.audio_mode, on_missing_audio=d.on_missing_audio, max_caption_chars=d.max_caption_chars,
+        caption_tokens=caption_tokens, on_long_caption=d.on_long_caption,
+        text_negative="dataset" if d.text_negative == "dataset" else "none", augment=augment,
+        on_bad_record=d.on_bad_record, on_bad_sample="replace", max_replacements=d.max_replacements,
+        num_workers=d.num_workers)
 
 
 class MetricsWriter:
@@ -74,8 +101,29 @@ class MetricsWriter:
             self.tb.close()
 
 
-def train(c, workdir: Path) -> dict[str, float]:
-    """Run the configured training; returns the last logged metrics."""
+def _host_scalars(metrics) -> dict[str, float]:
+    """Replicated scalar metrics as Python floats, read from this process's own copy (works
+    with several processes, where a global array cannot be fetched whole)."""
+    local = jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()})  # one transfer
+    return {k: float(v) for k, v in local.items()}
+
+
+def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
+    """What the hard-negative slot and the released pair rotation count for this micro-batch:
+    the optimizer update (paper: "cycles with the step") or the micro-batch (released code)."""
+    return micro_batch if loss_cfg.counter == "micro_batch" else update
+
+
+def gather_rows(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's per-row metadata, concatenated in process order (= global row order)."""
+    from jax.experimental import multihost_utils
+
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(meta, tiled=True).items()}
+
+
+def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
+    """Run the configured training; returns the last logged metrics. ``on_update(update,
+    micro_batches)`` is called after every optimizer update (benchmarks sample memory there)."""
     dc = c.distributed
     sharding.initialize_distributed(dc.coordinator_address or None, dc.num_processes or None,
                                     None if dc.process_id < 0 else dc.process_id)
@@ -85,16 +133,30 @@ def train(c, workdir: Path) -> dict[str, float]:
     if not lcfg.terms:
         raise ValueError(f"preset {c.loss.preset!r} has no loss terms: evaluate the backbone with "
                          "omniret_jax.eval instead of training it")
+    if c.data.text_negative not in ("batch", "dataset"):
+        raise ValueError(f"data.text_negative={c.data.text_negative!r}; expected 'batch' or 'dataset'")
+    if c.data.text_negative == "dataset" and plan.negative and lcfg.tuple_similarity != "joint":
+        raise ValueError("data.text_negative='dataset' needs loss.tuple_similarity='joint' (a dataset caption has "
+                         "no text-path embedding in the batch)")
+    accumulate, total = int(c.optim.accumulate), int(c.train.steps)
+    if accumulate < 1 or total < 1:
+        raise ValueError(f"optim.accumulate={accumulate} and train.steps={total} must be >= 1")
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh.to_dict()))
     sharding.batch_sharding(mesh, c.train.batch_size)  # fails early if the batch does not divide
+    rows = sharding.process_rows(mesh, c.train.batch_size)
+    local_rows = rows[1] - rows[0]
+    if rows[0] != jax.process_index() * local_rows:
+        raise ValueError(f"process {jax.process_index()} holds batch rows {rows}: the processes' rows must follow "
+                         "their process index (mesh devices ordered by process)")
 
     state = build.build_state(c, mesh, train=True, verbose=True)  # adapter dropout on
     graphdef, trainable, frozen, tokens = state.graphdef, state.trainable, state.frozen, state.tokens
     wrt = trainable_filter(state.lora)
 
-    tx = make_optimizer(lr=c.optim.lr, total_steps=c.train.steps, warmup_ratio=c.optim.warmup_ratio,
-                        weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
-                        accumulate=c.optim.accumulate)
+    tx = make_optimizer(lr=c.optim.lr, total_steps=total, warmup_ratio=c.optim.warmup_ratio,
+                        weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm, accumulate=accumulate,
+                        decay=c.optim.get("decay", "all"))
+    schedule = lr_schedule(lr=c.optim.lr, total_updates=total, warmup_ratio=c.optim.warmup_ratio)
     param_sh, frozen_sh = state.trainable_shardings, state.frozen_shardings
     replicated = NamedSharding(mesh, PartitionSpec())
     # Moments follow their parameters (the axes metadata travels with them); counters are
@@ -102,76 +164,118 @@ def train(c, workdir: Path) -> dict[str, float]:
     opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, trainable), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
-    pipeline = build_pipeline(c, workdir, augment=bool(plan.aug))
+    pcfg = pipeline_config(c, augment=bool(plan.aug))
+    budget = caption_token_budget(ecfg)
+    pcfg = pipeline_config(c, augment=bool(plan.aug), caption_tokens=budget)
+    pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows)
+    if jax.process_index() == 0:
+        print(f"inputs: {pcfg.num_patches} patch rows per clip, captions up to {budget} tokens "
+              f"({c.data.on_long_caption} beyond), global micro-batch {c.train.batch_size} x {accumulate} "
+              f"accumulated = {c.train.batch_size * accumulate} per update, {jax.process_count()} process(es)")
+        if pipeline.bad_records:
+            bad = pipeline.bad_records
+            shown = "; ".join(f"line {b.line}: {b.message}" for b in bad[:5])
+            logging.warning("%d manifest line(s) left out (data.on_bad_record=skip): %s%s", len(bad), shown,
+                            " ..." if len(bad) > 5 else "")
     ckpt = TrainCheckpointer(workdir / "checkpoints", keep=c.train.keep, save_every=c.train.ckpt_every,
                              config=c.to_dict())
     ckpt.install_sigterm_handler()
-    base_key = jax.random.key(c.train.seed)
-    start = 0
+    updates = micro = 0
     restored = ckpt.restore_latest(trainable, opt_state)
     if restored is not None:
-        trainable, opt_state, start = restored.trainables, restored.opt_state, restored.step
+        trainable, opt_state, updates = restored.trainables, restored.opt_state, restored.step
         if restored.data_state is not None:
-            pipeline.set_state(restored.data_state)
-        print(f"resumed from step {start}")
+            pipeline.set_state(restored.data_state["pipeline"])
+            micro = int(restored.data_state["micro_batches"])
+        if jax.process_index() == 0:
+            print(f"resumed from update {updates} (micro-batch {micro})")
 
     step_cfg = StepConfig(ecfg=ecfg, loss=lcfg)
+    seed = int(c.train.seed)
 
-    def step_fn(params, frozen_state, opt, inputs, step, dropout_key):
-        return train_step(graphdef, params, frozen_state, opt, inputs, step, dropout_key, wrt=wrt, tx=tx,
-                          cfg=step_cfg)
+    def step_fn(params, frozen_state, opt, inputs, micro_index, counter):
+        # Adapter dropout of micro-batch m draws from fold_in(key(seed), m): a resumed run draws the same masks.
+        key = jax.random.fold_in(jax.random.key(seed), micro_index)
+        return train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt, tx=tx, cfg=step_cfg)
 
+    gather = gather_rows if jax.process_count() > 1 else None
     jitted = None
     writer = MetricsWriter(workdir)
     last: dict[str, float] = {}
-    consecutive_bad = 0
-    bar = tqdm(total=c.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    window: list[float] = []
+    group: list[dict[str, float]] = []      # metrics of the micro-batches of the update in progress
+    consecutive_bad = skipped_since_log = 0
+    window: list[float] = []                # seconds per update since the last log
+    t_update = 0.0
+    bar = tqdm(total=total, initial=updates, desc="train", unit="update", disable=jax.process_index() != 0)
+    summary = None
     try:
-        for step in range(start, c.train.steps):
+        while updates < total:
             t0 = time.perf_counter()
             batch = next(pipeline)
-            host = build_inputs(batch, step, state.cfg, tokens, ecfg, plan, seed=c.train.seed)
+            counter = rotation_count(lcfg, micro, updates)
+            host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
+                                text_negative=c.data.text_negative, gather=gather, row_offset=rows[0])
             inputs = sharding.shard_batch(host, mesh)  # every input leaf is batch-first
-            in_sh = jax.tree.map(lambda x: x.sharding, inputs)
             if jitted is None:
+                in_sh = jax.tree.map(lambda x: x.sharding, inputs)
                 jitted = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh, replicated, replicated),
                                  out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 2))
-            trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, inputs, jnp.int32(step),
-                                                   jax.random.fold_in(base_key, step))
-            skipped = int(metrics["skipped"])
-            consecutive_bad = consecutive_bad + 1 if skipped else 0
-            if consecutive_bad > c.train.max_nonfinite:
-                raise FloatingPointError(f"{consecutive_bad} consecutive steps with non-finite loss or gradients "
-                                         f"(limit train.max_nonfinite={c.train.max_nonfinite}); stopping without "
-                                         "saving the diverged state")
-            window.append(time.perf_counter() - t0)
+            trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, inputs,
+                                                   sharding.replicated(np.int32(micro), mesh),
+                                                   sharding.replicated(np.int32(counter), mesh))
+            del batch, host, inputs
+            m = _host_scalars(metrics)
+            micro += 1
+            t_update += time.perf_counter() - t0
+            if m["skipped"]:
+                consecutive_bad += 1
+                skipped_since_log += 1
+                logging.warning("micro-batch %d (update %d): non-finite loss %s or gradient; skipped", micro - 1,
+                                updates, m["loss"])
+                if consecutive_bad > c.train.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{consecutive_bad} consecutive steps with non-finite loss or gradients (limit "
+                        f"train.max_nonfinite={c.train.max_nonfinite}); stopping without saving the diverged state")
+                continue
+            consecutive_bad = 0
+            group.append(m)
+            if len(group) < accumulate:
+                continue
+            # ---- one optimizer update is complete
+            lr = float(schedule(updates))
+            updates += 1
+            window.append(t_update)
+            t_update = 0.0
             bar.update(1)
-            done = step + 1
-            if done % c.train.log_every == 0 or done == c.train.steps:
+            if updates % c.train.log_every == 0 or updates == total:
                 dt = float(np.median(window))
-                last = {k: float(v) for k, v in metrics.items()}
-                last.update(step_time_s=dt, examples_per_s=c.train.batch_size / dt,
-                            **pipeline.summary().metrics())
-                writer.write(done, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", step_s=f"{dt:.2f}", ex_s=f"{last['examples_per_s']:.1f}")
+                last = {k: float(np.mean([g[k] for g in group])) for k in group[0]}
+                last.update(skipped=float(skipped_since_log), lr=lr, micro_batches=float(micro), step_time_s=dt,
+                            examples_per_s=c.train.batch_size * accumulate / dt, **pipeline.summary().metrics())
+                writer.write(updates, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", step_s=f"{dt:.2f}")
                 window.clear()
-            if skipped == 0:
-                ckpt.save(done, trainable, opt_state, rng=base_key, data_state=pipeline.get_state(),
-                          metrics=last, force=done == c.train.steps)
+                skipped_since_log = 0
+            group.clear()
+            if on_update is not None:
+                on_update(updates, micro)
+            data_state = {"pipeline": pipeline.get_state(), "micro_batches": micro}
+            ckpt.save(updates, trainable, opt_state, rng=jax.random.key(seed), data_state=data_state,
+                      metrics=last, force=updates == total)
             if ckpt.should_stop():
-                ckpt.save(done, trainable, opt_state, rng=base_key, data_state=pipeline.get_state(),
+                ckpt.save(updates, trainable, opt_state, rng=jax.random.key(seed), data_state=data_state,
                           metrics=last, force=True)
-                print(f"stop requested: saved step {done}, exiting")
+                if jax.process_index() == 0:
+                    print(f"stop requested: saved update {updates}, exiting")
                 break
+        summary = pipeline.summary()
     finally:
         bar.close()
         writer.close()
         ckpt.close()
         pipeline.close()
-    summary = pipeline.summary()
-    if summary.metrics():
-        print(f"data summary: {summary}")
+    if summary is not None and summary.metrics() and jax.process_index() == 0:
+        print(f"data summary (process 0's rows): {summary}")
     return last
 
 

@@ -1,5 +1,8 @@
 """End to end: train the tiny model for 2 steps, evaluate it with `python -m omniret_jax.eval`,
-reuse the embedding cache, mode "all", the frozen baseline, and the CLI's error cases."""
+reuse the embedding cache, mode "all", the frozen baseline, and the CLI's error cases.
+
+Both CLIs run with 2 data worker processes (and must exit without tracebacks or leaked shared
+memory); the in-process evaluations run without workers and must give the same vectors."""
 
 import dataclasses
 import json
@@ -37,6 +40,11 @@ def _run(module, *args, devices=None):
                           capture_output=True, text=True, timeout=600)
 
 
+def _assert_clean_exit(stderr: str) -> None:
+    for bad in ("Traceback", "Exception ignored", "leaked shared_memory"):
+        assert bad not in stderr, f"{bad!r} in stderr:\n{stderr[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A synthetic corpus, a 2-step training workdir and one CLI evaluation of it."""
@@ -49,13 +57,16 @@ def run(tmp_path_factory):
     # The trainer runs as a user runs it, in its own process on one CPU device.
     p = _run("omniret_jax.train", "--config", f"configs/tiny.py:{PRESET}", "--workdir", work,
              f"--config.data.manifest={manifest}", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
-             devices=1)
+             "--config.data.num_workers=2", devices=1)
     assert p.returncode == 0, p.stderr[-3000:]
+    _assert_clean_exit(p.stderr)
     out = base / "eval"
     # Evaluation on 8 devices (conftest's XLA_FLAGS): batches of 8 sharded over the mesh.
     p = _run("omniret_jax.eval", "--config", f"configs/tiny.py:{PRESET}", "--checkpoint", work, "--manifest",
-             manifest, "--out", out, "--compression", f"--config.data.manifest={manifest}")
+             manifest, "--out", out, "--compression", f"--config.data.manifest={manifest}",
+             "--config.data.num_workers=2")
     assert p.returncode == 0, p.stderr[-3000:]
+    _assert_clean_exit(p.stderr)
     return dict(base=base, manifest=manifest, work=work, out=out, stdout=p.stdout)
 
 

@@ -25,6 +25,7 @@ from omniret_jax.data.features import (
     CLIP_STD,
     beats_fbank,
     kaldi_mel_banks,
+    max_resize_blocks,
     smart_resize,
     vision_patches,
     whisper_log_mel,
@@ -44,6 +45,48 @@ def _signal(n, seed=0):
 
 
 # ----------------------------------------------------------------------------- vision
+
+
+def _sweep_blocks(min_pixels: int, max_pixels: int, heights=range(1, 301), max_side: int = 20000, factor: int = 28):
+    """Most blocks smart_resize's rule gives over h in ``heights``, w in [h, min(200 h, max_side)]
+    (vectorised copy of the rule, float64 as Python's); returns (blocks, (h, w))."""
+    best, arg = 0, None
+    for h in heights:
+        w = np.arange(h, min(200 * h, max_side) + 1, dtype=np.float64)
+        hb, wb = np.round(h / factor) * factor, np.round(w / factor) * factor
+        shrink, grow = np.sqrt(h * w / max_pixels), np.sqrt(min_pixels / (h * w))
+        rh = np.where(hb * wb > max_pixels, np.maximum(factor, np.floor(h / shrink / factor) * factor),
+                      np.where(hb * wb < min_pixels, np.ceil(h * grow / factor) * factor, hb))
+        rw = np.where(hb * wb > max_pixels, np.maximum(factor, np.floor(w / shrink / factor) * factor),
+                      np.where(hb * wb < min_pixels, np.ceil(w * grow / factor) * factor, wb))
+        blocks = rh * rw / factor**2
+        i = int(np.argmax(blocks))
+        if blocks[i] > best:
+            best, arg = int(blocks[i]), (h, int(w[i]))
+    return best, arg
+
+
+@pytest.mark.parametrize("pixels, want", [((50176, 50176), 130), ((3136, 3136), 29), ((3136, 6272), 40),
+                                          ((784, 50176), 113), ((50176, 176400), 225)])
+def test_patch_bound_covers_smart_resize_rounding_up(pixels, want):
+    """The fixed patch count must hold every frame smart_resize accepts: a sweep of frame sizes
+    (slivers and tiny frames included) reaches the analytic bound and never passes it, and the
+    sweep's worst frame really resizes to that many blocks in transformers' smart_resize."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    lo, hi = pixels
+    bound = max_resize_blocks(min_pixels=lo, max_pixels=hi)
+    worst, (h, w) = _sweep_blocks(lo, hi)
+    rh, rw = hf_smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)
+    print(f"min/max pixels {lo}/{hi}: bound {bound} blocks of 28 px ({bound * 4} patches per frame pair, "
+          f"{hi // 784} blocks fit max_pixels); worst swept frame {h}x{w} -> {rh}x{rw}")
+    assert bound == want == worst == rh * rw // 784
+    rng = np.random.default_rng(0)
+    for hh, ww in zip(rng.integers(1, 3000, 2000), rng.integers(1, 3000, 2000)):
+        if max(hh, ww) / min(hh, ww) <= 200:
+            ours = smart_resize(int(hh), int(ww), factor=28, min_pixels=lo, max_pixels=hi)
+            assert ours == hf_smart_resize(int(hh), int(ww), factor=28, min_pixels=lo, max_pixels=hi)
+            assert ours[0] * ours[1] // 784 <= bound
 
 
 @pytest.mark.parametrize("hw", [(48, 64), (224, 224), (300, 500), (37, 1000), (720, 1280), (29, 31)])

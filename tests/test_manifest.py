@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from omniret_jax.data.manifest import ManifestError, ManifestRecord, read_manifest, write_manifest
+from omniret_jax.data.manifest import ManifestError, ManifestRecord, load_manifest, read_manifest, write_manifest
 
 
 def _write_lines(path, lines):
@@ -77,6 +77,36 @@ def test_all_bad_records_reported_at_once(tmp_path):
     assert "finite number" in by_line[13][0]
     # The message names file:line for each problem.
     assert f"{path}:8: 'start' (3.0) must be < 'end' (2.0)" in str(err)
+
+
+def test_skip_keeps_valid_lines_and_reports_the_others(tmp_path):
+    """on_bad_record="skip": one empty caption (or any bad line) no longer rejects the manifest."""
+    good = {"id": "ok", "caption": "fine", "video": "v.mp4"}
+    lines = [
+        json.dumps(good),
+        json.dumps({"id": "c", "caption": " ", "video": "v.mp4"}),                   # 2 empty caption
+        json.dumps({"id": "d", "caption": "x", "video": "v.mp4", "start": 3, "end": 2}),  # 3 bad times
+        json.dumps({"id": "f", "caption": "x", "video": "v.mp4", "colour": "red"}),  # 4 unknown key
+        "{not json",                                                                 # 5
+        json.dumps(good),                                                            # 6 duplicate
+        json.dumps({"id": "g", "caption": "also fine", "video": "w.mp4", "end": 4.5}),
+    ]
+    path = tmp_path / "m.jsonl"
+    _write_lines(path, lines)
+    with pytest.raises(ManifestError):
+        load_manifest(path)
+    m = load_manifest(path, on_bad_record="skip")
+    assert [r.id for r in m.records] == ["ok", "g"]
+    assert [(b.line, b.code) for b in m.bad] == [(2, "empty_caption"), (3, "bad_time"), (4, "unknown_key"),
+                                                 (5, "bad_json"), (6, "duplicate_id")]
+    assert m.bad_counts() == {"empty_caption": 1, "bad_time": 1, "unknown_key": 1, "bad_json": 1, "duplicate_id": 1}
+    assert "'colour'" in m.bad[2].message
+    assert [r.id for r in read_manifest(path, on_bad_record="skip")] == ["ok", "g"]
+    _write_lines(path, lines[1:3])
+    with pytest.raises(ManifestError, match="2 bad record"):
+        load_manifest(path, on_bad_record="skip")  # nothing valid left: still an error
+    with pytest.raises(ValueError, match="on_bad_record"):
+        load_manifest(path, on_bad_record="ignore")
 
 
 def test_writer_validates_everything(tmp_path):

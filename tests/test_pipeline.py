@@ -17,8 +17,10 @@ import pytest
 from omniret_jax.data import decode, features, pipeline, synth
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
+from omniret_jax.data.tokens import byte_tokens
 
-# Small but real: 4 frames at 56x56 (32 patches), up to 6272 px (P = 64), 3 s audio on 2 s clips.
+# Small but real: 4 frames at 56x56 (32 patches), 3136..6272 px (P = 2 x 40 blocks x 4 = 320: what
+# smart_resize can reach when it rounds an elongated frame up), 3 s audio on 2 s clips.
 CFG = PipelineConfig(batch_size=2, seed=1, num_frames=4, min_pixels=56 * 56, max_pixels=2 * 56 * 56,
                      audio_seconds=3.0, num_epochs=1, sample_timeout_s=30.0)
 SR = 16000
@@ -32,14 +34,14 @@ def corpus(tmp_path_factory):
     return read_manifest(out / "manifest.jsonl")
 
 
-def _write_mp4(path, frames=None, wave=None, options=None):
-    """An MP4 with an optional H.264 stream and an optional mono AAC stream."""
+def _write_mp4(path, frames=None, wave=None, options=None, sr=SR):
+    """An MP4 with an optional H.264 stream and an optional mono AAC stream at ``sr`` Hz."""
     with av.open(str(path), "w", format="mp4", options=options or {}) as c:
         if frames is not None:
             v = c.add_stream("libx264", rate=10)
             v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         if wave is not None:
-            a = c.add_stream("aac", rate=SR, layout="mono")
+            a = c.add_stream("aac", rate=sr, layout="mono")
         if frames is not None:
             for f in frames:
                 c.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
@@ -47,7 +49,7 @@ def _write_mp4(path, frames=None, wave=None, options=None):
         if wave is not None:
             for s in range(0, len(wave), 1024):
                 fr = av.AudioFrame.from_ndarray(wave[None, s:s + 1024], format="flt", layout="mono")
-                fr.sample_rate, fr.pts = SR, s
+                fr.sample_rate, fr.pts = sr, s
                 c.mux(a.encode(fr))
             c.mux(a.encode())
 
@@ -75,7 +77,7 @@ def _assert_batch_shapes(batch, cfg):
 def test_exact_features_and_padding(corpus):
     with DataPipeline(corpus, CFG, process_index=0, process_count=1) as pipe:
         batches = list(pipe)
-    assert len(batches) == 3 and CFG.num_patches == 64
+    assert len(batches) == 3 and CFG.num_patches == 320
     by_id = {r.id: r for r in corpus}
     for batch in batches:
         _assert_batch_shapes(batch, CFG)
@@ -99,7 +101,9 @@ def test_exact_features_and_padding(corpus):
 
 
 def test_process_slices_and_epochs(corpus):
-    cfg = dataclasses.replace(CFG, batch_size=1, max_pixels=56 * 56, audio_seconds=1.0)
+    """Two processes read rows 0 and 1 of each global batch of 2: disjoint, together the whole
+    stream in the one-process order."""
+    cfg = dataclasses.replace(CFG, batch_size=2, max_pixels=56 * 56, audio_seconds=1.0)
     seen = []
     for index in range(2):
         with DataPipeline(corpus, cfg, process_index=index, process_count=2) as pipe:
@@ -107,8 +111,10 @@ def test_process_slices_and_epochs(corpus):
     assert len(seen[0]) == len(seen[1]) == 3
     assert set(seen[0]).isdisjoint(seen[1])
     assert set(seen[0]) | set(seen[1]) == {r.id for r in corpus}
+    with DataPipeline(corpus, cfg, process_index=0, process_count=1) as pipe:
+        assert [b["id"] for b in pipe] == [list(pair) for pair in zip(*seen)]
     # Two epochs on one process: every record twice, in a different order the second time.
-    two = dataclasses.replace(cfg, num_epochs=2)
+    two = dataclasses.replace(cfg, num_epochs=2, batch_size=1)
     with DataPipeline(corpus, two, process_index=0, process_count=1) as pipe:
         ids = [b["id"][0] for b in pipe]
     assert sorted(ids[:6]) == sorted(ids[6:]) == sorted(r.id for r in corpus)
@@ -282,10 +288,12 @@ def test_timeout_and_unexpected_errors(corpus, monkeypatch):
 
 
 class _HangingLoad(pipeline.LoadSample):
-    """Hangs on one record; importable by reference, so it also runs inside worker processes."""
+    """Hangs on one record; importable by reference, so it also runs inside worker processes.
+    (synth-000000 is the second clip of the seed-1 stream; not the last, whose skip a finite
+    stream with thread prefetch only counts after its final batch.)"""
 
     def _load(self, record, rng):
-        if record.id == "synth-000003":
+        if record.id == "synth-000000":
             time.sleep(60)
         return super()._load(record, rng)
 
@@ -299,8 +307,8 @@ def test_worker_process_timeout(corpus, monkeypatch):
         ids = [b["id"][0] for b in pipe]
         summary = pipe.summary()
     print(f"worker timeout case took {time.perf_counter() - t0:.1f} s")
-    assert summary.skipped == {"timeout": 1} and summary.examples["skipped:timeout"] == ["synth-000003"]
-    assert sorted(ids) == sorted(r.id for r in corpus if r.id != "synth-000003")
+    assert summary.skipped == {"timeout": 1} and summary.examples["skipped:timeout"] == ["synth-000000"]
+    assert sorted(ids) == sorted(r.id for r in corpus if r.id != "synth-000000")
 
 
 def test_unusable_corpus_fails_loudly(corpus):
@@ -321,10 +329,153 @@ def test_config_and_argument_errors(corpus, tmp_path):
         DataPipeline(corpus, CFG, process_index=2, process_count=2)
     with pytest.raises(ValueError, match="cannot feed"):
         DataPipeline(corpus[:1], CFG, process_index=0, process_count=2)
-    # Training defaults: 8 frames of at most 224x224 -> 4 x 256 patch rows.
-    assert PipelineConfig().num_patches == 1024
+    # Training defaults: 8 frames at 224x224 -> 4 x 256 patch rows, but smart_resize can round an
+    # elongated frame up to 2 x 65 blocks of 28 px (19x1216 -> 56x1820): 4 x 520 rows.
+    assert PipelineConfig().num_patches == 2080
     # A manifest path works as the source.
     path = os.path.join(os.path.dirname(corpus[0].video), os.pardir, "manifest.jsonl")
     with DataPipeline(path, dataclasses.replace(CFG, max_pixels=56 * 56, audio_seconds=1.0),
                       process_index=0, process_count=1) as pipe:
         assert len(next(pipe)["id"]) == 2
+
+
+# ----------------------------------------------------------------------------- clips nobody tuned to
+
+PAPER = PipelineConfig(batch_size=1, shuffle=False, num_epochs=1, num_frames=8, min_pixels=50176, max_pixels=50176,
+                       audio_seconds=8.0, sample_timeout_s=120.0)
+# (width x height, seconds, audio rate) -> the grid Qwen2VLImageProcessorPil gives one frame at 224 * 224
+CLIPS = {"64x48": (64, 48, 2.0, SR), "320x240": (320, 240, 2.0, SR), "32x1024": (32, 1024, 2.0, SR),
+         "1080x1920": (1080, 1920, 1.0, SR), "1920x1080": (1920, 1080, 1.0, SR),
+         "64x48 40 s mono 8 kHz": (64, 48, 40.0, 8000), "320x240 0.2 s": (320, 240, 0.2, SR)}
+
+
+@pytest.fixture(scope="module")
+def odd_clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(5)
+    records = []
+    for i, (name, (w, h, seconds, sr)) in enumerate(CLIPS.items()):
+        n = max(2, int(round(seconds * 10)))
+        base = rng.integers(0, 255, (1, h, w, 3), dtype=np.uint8)
+        frames = np.repeat(base, n, axis=0)
+        frames[:, : h // 4] = (np.arange(n) * 20 % 255)[:, None, None, None]  # some motion
+        t = np.arange(int(seconds * sr)) / sr
+        wave = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+        _write_mp4(d / f"clip{i}.mp4", frames, wave, sr=sr)
+        records.append(ManifestRecord(id=name, caption=f"an odd clip {name}", video=str(d / f"clip{i}.mp4")))
+    return records
+
+
+def test_odd_clips_at_the_paper_settings_are_all_kept(odd_clips):
+    """At min = max = 224 * 224 (train.sh) every clip decodes: the patch bound covers smart_resize
+    rounding small and sliver frames up, so nothing is skipped as too_many_patches, and each clip
+    gets the grid the Qwen processor gives its frames (4 temporal steps of 8 frames)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    proc = Qwen2VLImageProcessorPil(min_pixels=50176, max_pixels=50176)
+    with DataPipeline(odd_clips, PAPER, process_index=0, process_count=1) as pipe:
+        batches = list(pipe)
+        summary = pipe.summary()
+    assert summary.skipped == {} and summary.fallbacks == {} and len(batches) == len(CLIPS), summary
+    print(f"\npatch rows per clip P = {PAPER.num_patches}")
+    for batch, record in zip(batches, odd_clips):
+        frames, _ = decode.decode_video(record.video, num_frames=8)
+        ref = proc(images=[frames[0]], return_tensors="np")["image_grid_thw"][0]
+        grid = tuple(int(x) for x in batch["video_grid_thw"][0])
+        tokens = int(np.prod(grid)) // 4
+        qwen = tuple(int(x) for x in ref)
+        print(f"{record.id:24s} grid {grid}, {int(batch['video_num_patches'][0])} patches, {tokens} video tokens; "
+              f"Qwen processor per frame {qwen} -> {int(np.prod(qwen))} tokens for 8 frames")
+        assert grid == (4, int(ref[1]), int(ref[2]))
+        patches, want_grid = features.vision_patches(frames, min_pixels=50176, max_pixels=50176)
+        assert want_grid == grid
+        np.testing.assert_array_equal(batch["video_patches"][0, :len(patches)], patches)
+    grids = {r.id: tuple(int(x) for x in b["video_grid_thw"][0]) for r, b in zip(odd_clips, batches)}
+    assert grids["64x48"] == (4, 14, 20)      # 196x280: 280 patches per step, more than 50176 px allow
+    assert grids["32x1024"] == (4, 92, 4)     # 1288x56
+    assert grids["1920x1080"] == (4, 12, 20) and grids["1080x1920"] == (4, 20, 12)  # 168x280, 280x168
+
+
+def _good_and_bad(corpus, bad_records):
+    return list(corpus) + [r for r in bad_records if r.id in ("missing", "garbage", "caption_empty", "no_video")]
+
+
+def test_replacement_makes_the_global_batch_topology_independent(corpus, bad_records):
+    """on_bad_sample="replace": a bad record's slot takes random records drawn from (seed, slot),
+    so the global batch (records, order, augmentations, replacements) is the same read by one
+    process or split over two, with or without workers."""
+    records = _good_and_bad(corpus, bad_records)
+    cfg = dataclasses.replace(CFG, batch_size=4, num_epochs=None, augment=True, audio_mode="random",
+                              max_pixels=56 * 56, audio_seconds=1.0, on_bad_sample="replace",
+                              text_negative="dataset", caption_tokens=40)
+    n = 5
+    with DataPipeline(records, cfg, tokens=byte_tokens(), process_index=0, process_count=1) as pipe:
+        whole = [next(pipe) for _ in range(n)]
+        summary = pipe.summary()
+    halves = []
+    for index, workers in ((0, 0), (1, 2)):
+        with DataPipeline(records, dataclasses.replace(cfg, num_workers=workers), tokens=byte_tokens(),
+                          process_index=index, process_count=2) as pipe:
+            halves.append([next(pipe) for _ in range(n)])
+    print(f"\n{summary}")
+    assert summary.yielded == 4 * n and summary.replaced > 0
+    assert set(summary.skipped) <= {"video/missing_file", "video/corrupt", "caption/empty", "video/no_video_stream"}
+    for k in range(n):
+        assert whole[k]["id"] == halves[0][k]["id"] + halves[1][k]["id"]
+        for key in ("caption_ids", "video_patches", "mel", "neg_caption_ids"):
+            np.testing.assert_array_equal(whole[k][key], np.concatenate([halves[0][k][key], halves[1][k][key]]))
+        np.testing.assert_array_equal(whole[k]["aug"]["video_patches"],
+                                      np.concatenate([h[k]["aug"]["video_patches"] for h in halves]))
+        assert set(whole[k]["id"]) <= {r.id for r in corpus}
+    # the dataset text negative is another record's caption
+    by_id = {r.id: r.caption for r in records}
+    for b in whole:
+        for i, rid in enumerate(b["id"]):
+            neg = bytes(int(x) - 1 for x in b["neg_caption_ids"][i, :b["neg_caption_len"][i]]).decode()
+            assert neg != by_id[rid] and neg in {c.strip()[:40] for c in by_id.values()}
+
+
+def test_long_captions_are_truncated_or_skipped(corpus):
+    """Over the token budget a caption is truncated (default; counted as a fallback) or skipped
+    (counted, its slot replaced); never an error downstream."""
+    budget = max(len(r.caption) for r in corpus) + 2  # byte tokens: one per character
+    long = [dataclasses.replace(r, caption=r.caption + " and then" * 20) for r in corpus[:2]] + list(corpus[2:])
+    base = dataclasses.replace(CFG, batch_size=2, max_pixels=56 * 56, audio_seconds=1.0, caption_tokens=budget,
+                               augment=True, shuffle=False)
+    with DataPipeline(long, base, tokens=byte_tokens(), process_index=0, process_count=1) as pipe:
+        batch = next(pipe)
+        summary = pipe.summary()
+    assert batch["caption_len"].tolist() == [budget, budget] and batch["caption_ids"].shape == (2, budget)
+    assert bytes(int(x) - 1 for x in batch["caption_ids"][0]).decode() == long[0].caption[:budget]
+    assert summary.fallbacks["caption/too_many_tokens"] == 2, summary
+    skip = dataclasses.replace(base, on_long_caption="skip", on_bad_sample="replace")
+    with DataPipeline(long, skip, tokens=byte_tokens(), process_index=0, process_count=1) as pipe:
+        batch = next(pipe)
+        summary = pipe.summary()
+    # both slots of the long captions are replaced (a replacement may draw a long one again)
+    assert set(summary.skipped) == {"caption/too_many_tokens"} and summary.replaced == 2
+    assert not set(batch["id"]) & {r.id for r in long[:2]}
+    with pytest.raises(ValueError, match="caption_tokens"):
+        DataPipeline(corpus, dataclasses.replace(base, caption_tokens=None), tokens=byte_tokens(),
+                     process_index=0, process_count=1)
+
+
+def test_bad_manifest_lines_are_counted_with_their_line_numbers(corpus, tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps(r.to_json()) for r in corpus]
+    lines.insert(2, json.dumps({"id": "x", "caption": "", "video": corpus[0].video}))
+    lines.insert(4, json.dumps({"id": "y", "caption": "ok", "video": corpus[0].video, "start": 5, "end": 1}))
+    lines.append(json.dumps({"id": "z", "caption": "ok", "video": corpus[0].video, "fps": 30}))
+    path.write_text("\n".join(lines) + "\n")
+    cfg = dataclasses.replace(CFG, max_pixels=56 * 56, audio_seconds=1.0)
+    with pytest.raises(Exception, match="3 bad record"):
+        DataPipeline(path, cfg, process_index=0, process_count=1)
+    with DataPipeline(path, dataclasses.replace(cfg, on_bad_record="skip"), process_index=0, process_count=1) as pipe:
+        ids = [i for b in pipe for i in b["id"]]
+        summary = pipe.summary()
+    assert sorted(ids) == sorted(r.id for r in corpus)
+    assert {k: v for k, v in summary.skipped.items() if k.startswith("manifest/")} == {
+        "manifest/empty_caption": 1, "manifest/bad_time": 1, "manifest/unknown_key": 1}
+    assert summary.examples["skipped:manifest/empty_caption"] == ["line 3"]
+    assert summary.examples["skipped:manifest/bad_time"] == ["line 5"]
+    assert summary.metrics()["data/skipped/manifest/unknown_key"] == 1.0

@@ -361,16 +361,17 @@ def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monk
 
 
 def test_train_skips_nonfinite_steps_and_aborts_after_max_nonfinite(manifest, tmp_path, monkeypatch):
-    """NaN on steps 0, 2, 3 with max_nonfinite=1: 0 is skipped, 1 resets the count, 2 is skipped,
-    3 is the second consecutive one and aborts without saving."""
+    """NaN on micro-batches 0, 2, 3 with max_nonfinite=1: 0 is skipped, 1 makes update 1 (logged
+    with its skipped micro-batch) and resets the count, 2 is skipped, 3 is the second
+    consecutive one and aborts without saving."""
     c = _train_config(manifest)
     c.train.max_nonfinite = 1
     monkeypatch.setattr(trainer, "build_inputs", _poison({0, 2, 3}))
     with pytest.raises(FloatingPointError, match=r"2 consecutive steps .*train\.max_nonfinite=1"):
         trainer.train(c, tmp_path)
     logged = _metrics(tmp_path)
-    assert [(m["step"], m["skipped"]) for m in logged] == [(1, 1.0), (2, 0.0), (3, 1.0)]
-    assert [np.isfinite(m["loss"]) for m in logged] == [False, True, False]
+    assert [(m["step"], m["skipped"], m["micro_batches"]) for m in logged] == [(1, 1.0, 2.0)]
+    assert np.isfinite(logged[0]["loss"])
     assert _saved_steps(tmp_path) == []
 
 
@@ -405,13 +406,133 @@ def test_cli_unknown_config_key(tmp_path):
 
 @pytest.mark.slow
 def test_cli_smoke(tmp_path):
+    """The CLI with 2 data workers on a corpus it synthesises; exits cleanly."""
     work = tmp_path / "run"
     r = _cli("--config", "configs/tiny.py:pairwise", "--workdir", str(work), "--config.train.steps=3",
-             "--config.data.synth_n=8", "--config.train.batch_size=4")
+             "--config.data.synth_n=8", "--config.train.batch_size=4", "--config.data.num_workers=2")
     assert r.returncode == 0, r.stderr[-3000:]
+    for bad in ("Traceback", "Exception ignored", "leaked shared_memory"):
+        assert bad not in r.stderr, r.stderr[-3000:]
     logged = _metrics(work)
     assert logged[-1]["step"] == 3 and np.isfinite(logged[-1]["loss"]) and logged[-1]["skipped"] == 0
-    assert {"L_A", "L_A/T-V", "L_A/T-A", "L_A/V-A", "grad_norm", "examples_per_s"} <= logged[-1].keys()
+    assert {"L_A", "L_A/T-V", "L_A/T-A", "L_A/V-A", "grad_norm", "examples_per_s", "lr"} <= logged[-1].keys()
     assert list((work / "tensorboard").glob("events.out.tfevents.*"))
     assert (work / "corpus" / "manifest.jsonl").exists()
     print(f"CLI smoke: {logged[-1]}")
+
+
+# ----------------------------------------------------------------------------- the schedule counts updates
+
+def _applied_lrs(accumulate: int, updates: int, lr: float = 1e-3) -> np.ndarray:
+    """The learning rate each update really applies, read off the parameters: with a constant
+    gradient Adam's bias-corrected step is lr * g / (|g| + eps), and weight decay is off."""
+    from omniret_jax.step import make_optimizer
+
+    tx = make_optimizer(lr=lr, total_steps=updates, warmup_ratio=0.03, weight_decay=0.0, clip_norm=1e9,
+                        accumulate=accumulate)
+    params = {"w": np.zeros(3, np.float32)}
+    grads = {"w": np.array([1.0, -2.0, 0.5], np.float32)}
+    opt = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for _ in range(updates):
+        before = np.asarray(params["w"]).copy()
+        for _ in range(accumulate):
+            delta, opt = update(grads, opt, params)
+            params = jax.tree.map(lambda p, d: p + d, params, delta)
+        step = np.asarray(params["w"]) - before
+        out.append(float(np.mean(-step / np.sign(grads["w"]))))
+    return np.asarray(out)
+
+
+def test_learning_rate_is_a_function_of_the_update_at_any_accumulation():
+    """100 updates at accumulate 1, 2, 4: update u applies the same LR, warm-up is 3 updates
+    (3 %), the peak comes at update 3, the last update's LR is 0."""
+    from omniret_jax.step import lr_schedule, warmup_steps
+
+    n, peak = 100, 1e-3
+    want = np.asarray([float(lr_schedule(lr=peak, total_updates=n, warmup_ratio=0.03)(u)) for u in range(n)])
+    assert warmup_steps(n, 0.03) == 3
+    assert want[0] == 0.0 and want[3] == np.float32(peak) and want[-1] == 0.0 and want[2] < want[3] > want[4]
+    for acc in (1, 2, 4):
+        got = _applied_lrs(acc, n, peak)
+        print(f"accumulate {acc}: LR of update 0 {got[0]:.3e}, 3 (warm-up end) {got[3]:.3e}, "
+              f"50 {got[50]:.3e}, 99 (last) {got[99]:.3e}")
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * peak)  # float32 parameter sums
+
+
+# ----------------------------------------------------------------------------- accumulation in train()
+
+def test_rotation_counts_updates_for_the_paper_and_micro_batches_for_the_released_recipe():
+    from omniret_jax.losses import LossConfig
+
+    paper, released = LossConfig(recipe="paper"), LossConfig(recipe="released")
+    assert [trainer.rotation_count(paper, m, m // 8) for m in range(17)] == [m // 8 for m in range(17)]
+    assert [trainer.rotation_count(released, m, m // 8) for m in range(17)] == list(range(17))
+    assert trainer.rotation_count(LossConfig(recipe="released", rotation="update"), 9, 1) == 1
+
+
+def _accumulating_config(manifest: Path):
+    c = _train_config(manifest)
+    c.train.steps, c.optim.accumulate = 3, 2
+    return c
+
+
+def _spy(calls: list):
+    def build(batch, step, *args, **kwargs):
+        calls.append((step, kwargs["counter"]))
+        return batch_mod.build_inputs(batch, step, *args, **kwargs)
+    return build
+
+
+@pytest.fixture(scope="module")
+def accumulated(manifest, tmp_path_factory):
+    """An uninterrupted run of 3 updates x 2 micro-batches, saving every update."""
+    c = _accumulating_config(manifest)
+    c.train.ckpt_every = 1
+    workdir, calls = tmp_path_factory.mktemp("accumulated"), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_inputs", _spy(calls))
+        trainer.train(c, workdir)
+    return workdir, calls
+
+
+def test_steps_count_updates_and_metrics_log_the_lr(manifest, accumulated):
+    from omniret_jax.step import lr_schedule
+
+    c = _accumulating_config(manifest)
+    workdir, calls = accumulated
+    logged = _metrics(workdir)
+    schedule = lr_schedule(lr=c.optim.lr, total_updates=3, warmup_ratio=c.optim.warmup_ratio)
+    assert [(m["step"], m["micro_batches"]) for m in logged] == [(1, 2.0), (2, 4.0), (3, 6.0)]
+    assert [m["lr"] for m in logged] == [float(schedule(u)) for u in range(3)]
+    assert logged[0]["lr"] == 0.0 and logged[1]["lr"] == np.float32(c.optim.lr) and logged[-1]["lr"] == 0.0
+    assert calls == [(m, m // 2) for m in range(6)]  # paper: the slot cycles with the update
+    assert _saved_steps(workdir) == [1, 2, 3]
+    print(f"accumulate 2: lr per update {[m['lr'] for m in logged]}, losses {[round(m['loss'], 5) for m in logged]}")
+
+
+@pytest.mark.slow
+def test_resume_mid_accumulation_is_bitwise(manifest, accumulated, tmp_path, monkeypatch):
+    """SIGTERM during micro-batch 2 (the first of update 2): the run finishes that update, saves it
+    and stops; resumed, it trains update 3 bitwise equal to the uninterrupted run."""
+    c = _accumulating_config(manifest)
+    straight, _ = accumulated
+    calls: list = []
+
+    def stop_in_micro_batch_2(batch, step, *args, **kwargs):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _spy(calls)(batch, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_inputs", stop_in_micro_batch_2)
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2] and [m for m, _ in calls] == [0, 1, 2, 3]
+    monkeypatch.setattr(trainer, "build_inputs", _spy(calls))
+    trainer.train(c, tmp_path)
+    assert _saved_steps(tmp_path) == [2, 3] and calls == [(m, m // 2) for m in range(6)]
+    a, b = _metrics(straight), _metrics(tmp_path)
+    assert [(m["step"], m["loss"], m["lr"]) for m in a] == [(m["step"], m["loss"], m["lr"]) for m in b]
+    n = _assert_same_state(c, straight, tmp_path, 3)
+    print(f"SIGTERM in micro-batch 2 of 6 (accumulate 2): {n} trainable leaves and the optimizer state (with its "
+          "gradient accumulator) bitwise equal at update 3")

@@ -8,7 +8,9 @@ cosine >= 0.999 against the float32 reference.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,27 @@ def test_banded_window_attention_equals_dense():
     err = max_err(np.asarray(banded)[0, real], np.asarray(dense)[0, real])
     print(f"banded vs dense window attention: max abs err {err:.1e}")
     assert err <= 1e-6
+
+
+def test_full_attention_blocks_past_the_depth_are_ignored_like_transformers(caplog):
+    """transformers accepts fullatt_block_indexes beyond the depth and never hits them; so do we,
+    with a warning naming them, and the outputs equal the reference's."""
+    visual, tower, fwd = reference()
+    cfg = dataclasses.replace(tower.cfg, fullatt_block_indexes=(1, 7, 31))
+    with caplog.at_level(logging.WARNING, logger="omniret_jax.model.vision"):
+        wide = VisionTower(cfg, rngs=nnx.Rngs(0))
+    assert "[7, 31] are outside depth=3" in caplog.text, caplog.text
+    assert wide.full_attention == frozenset({1})
+    load_torch_weights(wide, visual)
+    grids = [(2, 8, 12)]
+    x = random_patches(np.random.default_rng(4), grids)
+    saved = list(visual.fullatt_block_indexes)
+    visual.fullatt_block_indexes = [1, 7, 31]
+    try:
+        want = torch_run(visual, x, grids)
+    finally:
+        visual.fullatt_block_indexes = saved
+    feats, _ = fwd(wide, jnp.asarray(x[None]), vision_layout([grids], len(x), cfg))
+    err = max_err(feats[0], want)
+    print(f"\nfullatt (1, 7, 31) at depth 3: max abs err {err:.2e} against transformers")
+    assert err <= TOL

@@ -114,7 +114,8 @@ def load_module(
             arr = _cast(hf_to_flax_array(path, tensor, layout), var.get_value().dtype)
             nbytes += arr.nbytes
             target = None if placement is None else placement[path].get_value()
-            var.set_value(jax.device_put(arr, target))
+            # sharding.put also places into shardings that span other processes' devices (multi-host)
+            var.set_value(jax.device_put(arr) if target is None else sharding.put(arr, target))
             del arr
         del tensor
     module = nnx.merge(graphdef, state)

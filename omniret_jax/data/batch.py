@@ -5,7 +5,9 @@ of ``omniret_jax.inputs``: for each embedding path the padded token ids, M-RoPE 
 (``layout.rope_index``), merge indices (which tower output each placeholder takes) and the
 pooled index; the vision tower's ``VisionLayout``; and for a train step the augmented view
 and the hard-negative tuple, whose rows are drawn here with NumPy (a derangement of the
-global batch, one slot per step: text, audio, video, cycling).
+global batch, one slot per step: text, audio, video, cycling). Several processes each lay
+out their own rows of the global batch (``row_offset``) and exchange only the small per-row
+metadata a hard negative needs from other rows (``row_metadata``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omniret_jax.data.vision_layout import vision_layout
 from omniret_jax.inputs import AUDIO, IMAGE, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
 
 # Keys whose first axis (or list length) is the batch, in the order they are trusted.
-_ROW_KEYS = ("caption", "video_grid_thw", "mel_len", "video_patches", "mel", "fbank")
+_ROW_KEYS = ("caption", "caption_ids", "video_grid_thw", "mel_len", "video_patches", "mel", "fbank")
 _SLOTS = ("text", "audio", "video")
 
 
@@ -38,13 +40,15 @@ def batch_rows(batch: dict) -> int:
 
 
 def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[int, Sequence | np.ndarray],
-                  capacity: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
+                  capacity: Mapping[int, int], *, row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: (source [B, S] in {TEXT, IMAGE, VIDEO, AUDIO}, index [B, S]).
 
     A modality's tower output is [R, capacity, D] (R rows, each padded) with
     ``n_valid[kind][r]`` real features in row r. Like ``masked_scatter``, the
     placeholders of that modality, read row-major over the batch, take the real
     features in order; ``index`` points into the flattened [R * capacity] array.
+    ``row_offset`` is the global row of the first row here (a process's part of a batch
+    that is sharded over several): the device sees the global tower output.
     """
     ids = np.asarray(input_ids)
     source = np.full(ids.shape, TEXT, np.int32)
@@ -52,10 +56,6 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
     tokens = {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id, AUDIO: cfg.audio_token_id}
     names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
     for kind, token in tokens.items():
-        if token is None:  # a backbone without that modality (Qwen2.5-VL: audio)
-            if n_valid.get(kind) is not None and len(n_valid[kind]):
-                raise ValueError(f"{names[kind]} features given, but the {cfg.family} backbone has no {names[kind]}")
-            continue
         hit = ids == token
         counts = np.asarray(n_valid.get(kind, ()), np.int64)
         if hit.sum() != counts.sum():
@@ -65,7 +65,7 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
             continue
         if (counts > capacity[kind]).any():
             raise ValueError(f"{names[kind]} valid counts {counts.tolist()} exceed the tower capacity {capacity[kind]}")
-        flat = np.concatenate([r * capacity[kind] + np.arange(n) for r, n in enumerate(counts)])
+        flat = np.concatenate([(row_offset + r) * capacity[kind] + np.arange(n) for r, n in enumerate(counts)])
         source[hit] = kind
         index[hit] = flat
     return source, index
@@ -90,17 +90,22 @@ def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], promp
     return -(-n // m) * m
 
 
-def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int) -> PathInputs:
+def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int, *, first_row: int = 0) -> PathInputs:
     """Pack consecutive sequences of an unpacked pass into ``ceil(B / per_row)`` rows of ``row_len``
     tokens, when they fit (else the pass stays unpacked: a second program, compiled once).
 
     Each sequence keeps its tokens, merge indices and positions (which restart per sequence);
     ``attention_mask`` becomes the segment id within the row and ``pool_index`` moves with the
     sequence. Row-major order keeps the sequences in batch order, as merge indices expect.
+    ``first_row``: the global index of this pass's first unpacked row (``pool_index`` is flat
+    over the global batch's rows); a process's packed rows follow the other processes' equal
+    shares.
     """
     b, length = p.input_ids.shape
     if per_row <= 1:
         return p
+    if first_row % b:
+        raise ValueError(f"first_row={first_row} is not a multiple of the pass's {b} rows (processes hold equal shares)")
     if row_len < length and (p.attention_mask.sum(axis=1) > row_len).any():
         return p
     lens = p.attention_mask.sum(axis=1)
@@ -125,67 +130,52 @@ def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int) -> PathInp
         ids[r, sl], mask[r, sl], source[r, sl], index[r, sl] = (p.input_ids[i, :n], segment, p.source[i, :n],
                                                               p.index[i, :n])
         pos[r, :, sl] = p.position_ids[i, :, :n]
-        pool[i] = r * row_len + start + int(p.pool_index[i]) - i * length
+        pool[i] = (first_row // b * rows + r) * row_len + start + int(p.pool_index[i]) - (first_row + i) * length
     return PathInputs(ids, mask, pos, source, index, pool)
 
 
-def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
-            wave_doubled_audio: bool = True) -> EmbedInputs:
-    """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
+def caption_lists(batch: dict, key: str = "caption", tokens: Tokens | None = None) -> list[list[int]]:
+    """Token ids of each row's caption: the pipeline's ``<key>_ids`` / ``<key>_len`` when present
+    (already within the budget), else ``tokens.encode`` of the text."""
+    if f"{key}_ids" in batch:
+        ids, lens = np.asarray(batch[f"{key}_ids"]), np.asarray(batch[f"{key}_len"]).reshape(-1)
+        out = [ids[i, :n].tolist() for i, n in enumerate(lens)]
+    else:
+        if tokens is None:
+            raise KeyError(f"batch has no {key}_ids and no tokenizer was given")
+        out = [list(tokens.encode(c)) if isinstance(c, str) else [] for c in batch[key]]
+    for i, ids in enumerate(out):
+        if not ids:
+            raise ValueError(f"sample {i}: empty {key}")
+    return out
 
-    ``batch`` holds (as produced by omniret_jax.data.pipeline): ``caption`` (list
-    of str), ``video_patches`` [B, P, F], ``video_grid_thw`` [B, 3],
-    ``video_second_per_grid`` [B], ``mel`` [B, n_mels, T], ``mel_len`` [B],
-    ``fbank`` [B, T_b, 128], ``fbank_len`` [B]; only the modalities the paths use
-    are required.
-    """
-    paths = check_paths(paths)
-    need_v = any("V" in p for p in paths)
-    need_a = any("A" in p for p in paths)
-    need_t = any("T" in p for p in paths)
-    for key, needed in (("video_patches", need_v), ("video_grid_thw", need_v), ("video_second_per_grid", need_v),
-                        ("mel", need_a), ("mel_len", need_a), ("caption", need_t)):
-        if needed and key not in batch:
-            raise KeyError(f"paths {paths} need batch[{key!r}]")
-    if wave_doubled_audio and need_a and "fbank" not in batch:
-        raise KeyError("the WAVE audio path needs batch['fbank'] and batch['fbank_len'] for BEATs")
-    b = batch_rows(batch)
-    captions = None
-    if need_t:
-        captions = []
-        for i, c in enumerate(batch["caption"]):
-            ids = tokens.encode(c) if isinstance(c, str) else []
-            if not ids:
-                raise ValueError(f"sample {i}: empty caption, but paths {paths} embed text")
-            captions.append(list(ids))
 
-    towers: dict = {}
-    n_valid, capacity = {}, {}
-    if need_v:
-        patches = np.asarray(batch["video_patches"], np.float32)
-        grids = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
-        towers["video_patches"] = patches
-        towers["video_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
+def caption_token_budget(ecfg: EmbedConfig) -> int:
+    """Most caption tokens a row holds: ``text_len - 1`` (one ``<|im_end|>``). Every path's
+    length (``path_length``) reserves that budget next to the largest clip its towers take, so
+    a caption within it fits in any path, with any hard-negative clip."""
+    if ecfg.text_len < 2:
+        raise ValueError(f"embed.text_len={ecfg.text_len} leaves no caption token (need >= 2)")
+    return ecfg.text_len - 1
+
+
+def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig,
+                 capacity: dict[int, int], *, row_offset: int, wave_doubled_audio: bool) -> dict[str, PathInputs]:
+    """PathInputs of each path from per-row metadata: ``captions`` (token id lists),
+    ``video_grid_thw`` [b, 3], ``video_second_per_grid`` [b], ``mel_len`` [b]."""
+    b = len(next(v for v in meta.values() if v is not None))
+    grids, spg, mel_len, captions = (meta.get(k) for k in ("video_grid_thw", "video_second_per_grid", "mel_len",
+                                                           "captions"))
+    n_valid = {}
+    if grids is not None:
         unit = model_cfg.vision.spatial_merge_size ** 2
         n_valid[VIDEO] = [int(np.prod(g)) // unit for g in grids]
-        capacity[VIDEO] = patches.shape[1] // unit
-    if need_a:
-        mel = np.asarray(batch["mel"], np.float32)
-        mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
-        towers["mel"], towers["mel_lens"] = mel, mel_lens
-        n_w = audio_output_lengths(mel_lens)
+    if mel_len is not None:
+        n_w = audio_output_lengths(np.asarray(mel_len))
         n_valid[AUDIO] = list(2 * n_w) if wave_doubled_audio else list(n_w)
-        capacity[AUDIO] = mel.shape[-1] // 4 * (2 if wave_doubled_audio else 1)
-        if wave_doubled_audio:
-            fbank = np.asarray(batch["fbank"], np.float32)
-            t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
-            lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
-            towers["fbank"] = fbank[:, :t_b]
-            towers["fbank_padding"] = np.arange(t_b)[None, :] >= lens[:, None]
-
     prompts = {p: len(tokens.encode(t)) for p, t in (("V", ecfg.video_prompt), ("A", ecfg.audio_prompt),
                                                       ("AV", ecfg.av_prompt))}
-    layouts = {}
+    out = {}
     for path in paths:
         rows = []
         for i in range(b):
@@ -194,30 +184,86 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
                 continue
             media = []
             if "V" in path:
-                video = Video(tuple(int(x) for x in batch["video_grid_thw"][i]),
-                              float(batch["video_second_per_grid"][i]),
-                              int(batch["mel_len"][i]) if ("A" in path and ecfg.audio_in_video) else None)
-                media.append(video)
+                media.append(Video(tuple(int(x) for x in grids[i]), float(spg[i]),
+                                   int(mel_len[i]) if ("A" in path and ecfg.audio_in_video) else None))
             if "A" in path and not ("V" in path and ecfg.audio_in_video):
-                media.append(Audio(int(batch["mel_len"][i])))
+                media.append(Audio(int(mel_len[i])))
             if "T" in path:
                 prompt = captions[i]
             else:
-                prompt = tokens.encode({"V": ecfg.video_prompt, "A": ecfg.audio_prompt,
-                                        "AV": ecfg.av_prompt}[path])
+                prompt = tokens.encode({"V": ecfg.video_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}[path])
             rows.append(expand_turn(media, list(prompt) + [tokens.im_end_id], model_cfg,
                                     wave_doubled_audio=wave_doubled_audio))
         length = path_length(path, ecfg, capacity, prompts)
         padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
-                           names=[f"sample {i} ({path} path)" for i in range(b)])
+                           names=[f"sample {row_offset + i} ({path} path)" for i in range(b)])
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
         kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
-        source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity)
+        source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity, row_offset=row_offset)
         unpacked = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source, index,
-                              np.arange(b, dtype=np.int32) * length + padded.last_index)
+                              (row_offset + np.arange(b, dtype=np.int32)) * length + padded.last_index)
         per_row, row_len = ecfg.packing(path)
-        layouts[path] = pack_rows(unpacked, per_row, row_len or per_row * length, tokens.pad_id)
-    return EmbedInputs(paths=layouts, **towers)
+        out[path] = pack_rows(unpacked, per_row, row_len or per_row * length, tokens.pad_id, first_row=row_offset)
+    return out
+
+
+def _capacity(batch: dict, model_cfg, wave_doubled_audio: bool) -> dict[int, int]:
+    cap = {}
+    if "video_patches" in batch:
+        cap[VIDEO] = np.shape(batch["video_patches"])[1] // model_cfg.vision.spatial_merge_size ** 2
+    if "mel" in batch:
+        cap[AUDIO] = np.shape(batch["mel"])[-1] // 4 * (2 if wave_doubled_audio else 1)
+    return cap
+
+
+def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
+            wave_doubled_audio: bool = True, row_offset: int = 0) -> EmbedInputs:
+    """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
+
+    ``batch`` holds (as produced by omniret_jax.data.pipeline): ``caption`` (list
+    of str) or ``caption_ids`` / ``caption_len``, ``video_patches`` [B, P, F],
+    ``video_grid_thw`` [B, 3], ``video_second_per_grid`` [B], ``mel`` [B, n_mels, T],
+    ``mel_len`` [B], ``fbank`` [B, T_b, 128], ``fbank_len`` [B]; only the modalities the
+    paths use are required. ``row_offset``: the global row of this batch's first row, when it
+    is one process's part of a global batch.
+    """
+    paths = check_paths(paths)
+    need_v = any("V" in p for p in paths)
+    need_a = any("A" in p for p in paths)
+    need_t = any("T" in p for p in paths)
+    for key, needed in (("video_patches", need_v), ("video_grid_thw", need_v), ("video_second_per_grid", need_v),
+                        ("mel", need_a), ("mel_len", need_a)):
+        if needed and key not in batch:
+            raise KeyError(f"paths {paths} need batch[{key!r}]")
+    if need_t and "caption" not in batch and "caption_ids" not in batch:
+        raise KeyError(f"paths {paths} need batch['caption'] or batch['caption_ids']")
+    if wave_doubled_audio and need_a and "fbank" not in batch:
+        raise KeyError("the WAVE audio path needs batch['fbank'] and batch['fbank_len'] for BEATs")
+    b = batch_rows(batch)
+    meta: dict = {"captions": caption_lists(batch, tokens=tokens) if need_t else None}
+
+    out = EmbedInputs(paths={})
+    if need_v:
+        patches = np.asarray(batch["video_patches"], np.float32)
+        grids = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
+        out.video_patches = patches
+        out.video_layout = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
+        meta["video_grid_thw"] = grids
+        meta["video_second_per_grid"] = np.asarray(batch["video_second_per_grid"]).reshape(b)
+    if need_a:
+        mel = np.asarray(batch["mel"], np.float32)
+        mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
+        out.mel, out.mel_lens = mel, mel_lens
+        meta["mel_len"] = mel_lens
+        if wave_doubled_audio:
+            fbank = np.asarray(batch["fbank"], np.float32)
+            t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
+            lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
+            out.fbank = fbank[:, :t_b]
+            out.fbank_padding = np.arange(t_b)[None, :] >= lens[:, None]
+    out.paths = _row_layouts(meta, paths, model_cfg, tokens, ecfg, _capacity(batch, model_cfg, wave_doubled_audio),
+                             row_offset=row_offset, wave_doubled_audio=wave_doubled_audio)
+    return out
 
 
 # ----------------------------------------------------------------------------- train step
@@ -245,39 +291,98 @@ def derangement(rng: np.random.Generator, n: int) -> np.ndarray:
             return perm.astype(np.int32)
 
 
-def negative_rows(step: int, batch_size: int, seed: int) -> np.ndarray:
+def negative_rows(step: int, batch_size: int, seed: int, *, counter: int | None = None) -> np.ndarray:
     """[3, B] rows (text, video, audio) of each sample's hard-negative tuple in the global batch.
 
-    The step's slot is shuffled by a derangement drawn from (seed, step) alone, so every
-    process draws the same one; the other slots stay the sample's own.
+    ``counter`` picks the shuffled slot (``hard_negative_slot``; default ``step``), the
+    derangement of that slot is drawn from (seed, step) alone (``step``: the micro-batch
+    index), so every process draws the same one; the other slots stay the sample's own.
     """
     if batch_size < 2:
         raise ValueError(f"batch of {batch_size} is too small for a derangement (hard negatives need >= 2)")
     perm = derangement(np.random.default_rng([seed, step]), batch_size)
     rows = np.tile(np.arange(batch_size), (3, 1))
-    rows[{"text": 0, "video": 1, "audio": 2}[hard_negative_slot(step)]] = perm
+    rows[{"text": 0, "video": 1, "audio": 2}[hard_negative_slot(step if counter is None else counter)]] = perm
     return rows
 
 
+TEXT_NEGATIVES = ("batch", "dataset")
+_META_KEYS = ("caption_ids", "caption_len", "video_grid_thw", "video_second_per_grid", "mel_len")
+
+
+def row_metadata(batch: dict, tokens: Tokens | None = None, *, text_negative: str = "batch") -> dict[str, np.ndarray]:
+    """What another row's hard negative may take from each row, as fixed-shape arrays (so that
+    processes can exchange it): caption ids and length, video grid and second_per_grid, mel
+    length, and with ``text_negative="dataset"`` the pipeline's other-record caption."""
+    out = {}
+    for key in ("caption", "neg_caption") if text_negative == "dataset" else ("caption",):
+        if f"{key}_ids" in batch:
+            out[f"{key}_ids"] = np.asarray(batch[f"{key}_ids"], np.int32)
+            out[f"{key}_len"] = np.asarray(batch[f"{key}_len"], np.int32).reshape(-1)
+            continue
+        if key not in batch:
+            raise KeyError(f"text_negative={text_negative!r} needs batch[{key!r}] (the pipeline's text_negative"
+                           "='dataset')")
+        lists = caption_lists(batch, key, tokens)
+        ids = np.zeros((len(lists), max(map(len, lists))), np.int32)
+        for i, c in enumerate(lists):
+            ids[i, :len(c)] = c
+        out[f"{key}_ids"], out[f"{key}_len"] = ids, np.asarray(list(map(len, lists)), np.int32)
+    b = len(out["caption_len"])
+    out["video_grid_thw"] = np.asarray(batch["video_grid_thw"], np.int32).reshape(b, 3)
+    out["video_second_per_grid"] = np.asarray(batch["video_second_per_grid"], np.float32).reshape(b)
+    out["mel_len"] = np.asarray(batch["mel_len"], np.int32).reshape(b)
+    return out
+
+
+def _lists(ids: np.ndarray, lens: np.ndarray) -> list[list[int]]:
+    return [ids[i, :n].tolist() for i, n in enumerate(lens)]
+
+
 def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Tokens, ecfg: EmbedConfig,
-                 plan: ViewPlan, *, seed: int) -> TrainInputs:
+                 plan: ViewPlan, *, seed: int, counter: int | None = None, text_negative: str = "batch",
+                 gather=None, row_offset: int = 0) -> TrainInputs:
     """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
-    plan has an augmented view); ``plan`` says which paths the losses read."""
-    anchor = prepare(batch, plan.anchor, model_cfg, tokens, ecfg)
-    aug = neg = neg_rows = None
+    plan has an augmented view); ``plan`` says which paths the losses read.
+
+    ``step`` is the micro-batch index (seeds the derangement), ``counter`` the count the
+    hard-negative slot cycles with (default ``step``: per micro-batch; the trainer passes the
+    update index for the paper recipe). ``text_negative``: "batch" takes the text slot's
+    caption from another row of the batch (the derangement), "dataset" from the pipeline's
+    ``neg_caption`` (a random other record, the released code). With several processes
+    ``batch`` is this process's rows, starting at global row ``row_offset``, and ``gather``
+    maps a dict of per-row arrays to the same dict over the global batch (every process's rows
+    in row order): the negative may combine this row's clip with a caption, video or audio of
+    a row that lives on another process.
+    """
+    if text_negative not in TEXT_NEGATIVES:
+        raise ValueError(f"text_negative={text_negative!r}; expected one of {TEXT_NEGATIVES}")
+    counter = step if counter is None else counter
+    out = TrainInputs(anchor=prepare(batch, plan.anchor, model_cfg, tokens, ecfg, row_offset=row_offset))
     if plan.aug:
         if "aug" not in batch:
             raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
-        aug = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg)
+        out.aug = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg, row_offset=row_offset)
     if plan.negative:
-        rows = negative_rows(step, batch_rows(batch), seed)
-        t, v, a = rows
-        swapped = dict(batch)
-        swapped["caption"] = [batch["caption"][i] for i in t]
-        for key in ("video_patches", "video_grid_thw", "video_second_per_grid"):
-            swapped[key] = np.asarray(batch[key])[v]
-        for key in ("mel", "mel_len", "fbank", "fbank_len"):
-            swapped[key] = np.asarray(batch[key])[a]
-        neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
-        neg_rows = rows.T.astype(np.int32)
-    return TrainInputs(anchor=anchor, aug=aug, neg=neg, neg_rows=neg_rows)
+        b = batch_rows(batch)
+        if gather is not None and "caption_ids" not in batch:
+            raise KeyError("gathering the batch's row metadata needs the pipeline's fixed-width caption_ids")
+        meta = row_metadata(batch, tokens, text_negative=text_negative)
+        full = meta if gather is None else gather(meta)
+        n = len(full["caption_len"])
+        if not 0 <= row_offset <= n - b:
+            raise ValueError(f"rows {row_offset}..{row_offset + b - 1} are not in the global batch of {n}")
+        rows = negative_rows(step, n, seed, counter=counter)
+        local = slice(row_offset, row_offset + b)
+        t, v, a = (r[local] for r in rows)
+        if text_negative == "dataset" and hard_negative_slot(counter) == "text":
+            captions = _lists(full["neg_caption_ids"][local], full["neg_caption_len"][local])
+            rows[0] = np.arange(n)  # no batch row supplies the caption
+        else:
+            captions = _lists(full["caption_ids"][t], full["caption_len"][t])
+        swapped = {"captions": captions, "video_grid_thw": full["video_grid_thw"][v],
+                   "video_second_per_grid": full["video_second_per_grid"][v], "mel_len": full["mel_len"][a]}
+        out.neg = _row_layouts(swapped, ("TVA",), model_cfg, tokens, ecfg, _capacity(batch, model_cfg, True),
+                               row_offset=row_offset, wave_doubled_audio=True)["TVA"]
+        out.neg_rows = rows.T[local].astype(np.int32)
+    return out

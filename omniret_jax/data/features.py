@@ -13,6 +13,8 @@ import librosa
 import numpy as np
 from PIL import Image
 
+MAX_ASPECT_RATIO = 200  # smart_resize refuses frames more elongated than this
+
 # OpenAI CLIP normalisation used by every Qwen2/2.5-VL processor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,8 +40,9 @@ def smart_resize(
     """
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got h={h}, w={w}")
-    if max(h, w) / min(h, w) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {max(h, w) / min(h, w):.1f} for h={h}, w={w}")
+    if max(h, w) / min(h, w) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio must be at most {MAX_ASPECT_RATIO}, got {max(h, w) / min(h, w):.1f} "
+                         f"for h={h}, w={w}")
     if not 0 < min_pixels <= max_pixels:
         raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
     rh = round(h / factor) * factor
@@ -53,6 +56,41 @@ def smart_resize(
         rh = math.ceil(h * scale / factor) * factor
         rw = math.ceil(w * scale / factor) * factor
     return rh, rw
+
+
+def max_resize_blocks(*, factor: int = 28, min_pixels: int, max_pixels: int,
+                      max_ratio: float = MAX_ASPECT_RATIO) -> int:
+    """The most ``factor`` x ``factor`` blocks (``h * w / factor**2``) ``smart_resize`` can return
+    for any frame it accepts (aspect ratio <= ``max_ratio``): a tight upper bound (the sweep
+    in tests/test_features.py reaches it for the training settings).
+
+    More than ``max_pixels / factor**2`` is possible in two of its branches:
+    - growing (the rounded area is below ``min_pixels``): each side is scaled to
+      ``x = sqrt(m / r)``, ``y = sqrt(m r)`` blocks (``m = min_pixels / factor**2``, r the aspect
+      ratio) and *ceiled*, so ``ceil(x) * ceil(y)`` can reach about twice ``m`` (64x48 at
+      224 * 224 gives 7 x 10 = 70 blocks, not 64; a 1:64 sliver 2 x 65 = 130);
+    - shrinking a sliver: the short side is clamped to one block, so ``floor(sqrt(M r))``
+      blocks remain on the long side (``M = max_pixels / factor**2``).
+    The supremum of ``ceil(x) * ceil(y)`` over ``x * y = m``, ``x <= y <= max_ratio * x`` is
+    taken interval by interval of ``ceil(x) = k + 1``: at the left end of ``x``'s interval
+    ``y`` is largest. The ends are counted as if rounding tipped both sides over (x just
+    above k, y at m / k, each ceiled up: smart_resize computes them in floating point, and
+    19x1216 at 224 * 224 really does come out as 2 x 65 blocks).
+    """
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    m, big_m = min_pixels / factor**2, max_pixels / factor**2
+    # the rounding branch keeps the area <= max_pixels; shrinking keeps it <= M unless clamped
+    best = max(math.floor(big_m), math.floor(math.sqrt(big_m * max_ratio)))
+    x_lo = math.sqrt(m / max_ratio)       # the thinnest accepted frame's short side, in blocks
+    x_hi = math.sqrt(m)                   # a square frame
+    k = 0
+    while k < x_hi:
+        start = max(float(k), x_lo)
+        if start <= min(k + 1, x_hi):
+            best = max(best, (k + 1) * (math.floor(m / start) + 1))
+        k += 1
+    return int(best)
 
 
 def _resize_normalize(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:

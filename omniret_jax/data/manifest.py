@@ -12,7 +12,9 @@ Schema (keys not listed are rejected so that typos do not silently drop informat
 
 Relative paths resolve against the directory holding the manifest. Validation reads every line
 and raises one `ManifestError` that lists `file:line: reason` for all bad records at once, so
-a broken manifest is fixed in one pass instead of one error per run.
+a broken manifest is fixed in one pass instead of one error per run; or, with
+``on_bad_record="skip"`` (training), keeps the valid lines and returns the others with their
+line numbers (`load_manifest`), which the input pipeline counts and reports.
 """
 
 from __future__ import annotations
@@ -77,40 +79,44 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _record_problems(obj: Any) -> list[str]:
-    """Every reason `obj` is not a valid record (empty list when it is)."""
+def _record_problems(obj: Any) -> list[tuple[str, str]]:
+    """Every reason `obj` is not a valid record as (code, message); empty when it is valid.
+
+    Codes (the pipeline counts skipped lines under ``manifest/<code>``): not_object,
+    unknown_key, missing_key, bad_type, empty_caption, empty_field, bad_audio, bad_time,
+    bad_meta (and bad_json, duplicate_id from the reader)."""
     if not isinstance(obj, dict):
-        return [f"record must be a JSON object, got {type(obj).__name__}"]
+        return [("not_object", f"record must be a JSON object, got {type(obj).__name__}")]
     problems = []
     unknown = sorted(set(obj) - KNOWN_KEYS)
     if unknown:
-        problems.append(f"unknown key(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}")
+        problems.append(("unknown_key", f"unknown key(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}"))
     for key in REQUIRED_KEYS:
         if key not in obj:
-            problems.append(f"missing required key {key!r}")
+            problems.append(("missing_key", f"missing required key {key!r}"))
         elif not isinstance(obj[key], str):
-            problems.append(f"{key!r} must be a string, got {type(obj[key]).__name__}")
+            problems.append(("bad_type", f"{key!r} must be a string, got {type(obj[key]).__name__}"))
         elif not obj[key].strip():
-            problems.append(f"{key!r} is empty")
+            problems.append(("empty_caption" if key == "caption" else "empty_field", f"{key!r} is empty"))
     audio = obj.get("audio")
     if audio is not None and (not isinstance(audio, str) or not audio.strip()):
-        problems.append(f"'audio' must be a non-empty string or null, got {audio!r}")
+        problems.append(("bad_audio", f"'audio' must be a non-empty string or null, got {audio!r}"))
     times = {}
     for key in ("start", "end"):
         value = obj.get(key)
         if value is None:
             continue
         if not _is_number(value) or not math.isfinite(value):
-            problems.append(f"{key!r} must be a finite number of seconds, got {value!r}")
+            problems.append(("bad_time", f"{key!r} must be a finite number of seconds, got {value!r}"))
         elif value < 0:
-            problems.append(f"{key!r} is negative ({value})")
+            problems.append(("bad_time", f"{key!r} is negative ({value})"))
         else:
             times[key] = float(value)
     if "start" in times and "end" in times and times["start"] >= times["end"]:
-        problems.append(f"'start' ({times['start']}) must be < 'end' ({times['end']})")
+        problems.append(("bad_time", f"'start' ({times['start']}) must be < 'end' ({times['end']})"))
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
-        problems.append(f"'meta' must be a JSON object, got {type(meta).__name__}")
+        problems.append(("bad_meta", f"'meta' must be a JSON object, got {type(meta).__name__}"))
     return problems
 
 
@@ -129,16 +135,51 @@ def _to_record(obj: dict[str, Any], base_dir: str) -> ManifestRecord:
         start=seconds("start"), end=seconds("end"), meta=obj.get("meta"))
 
 
-def read_manifest(path: str | os.PathLike) -> list[ManifestRecord]:
-    """Parses and validates a JSONL manifest; raises `ManifestError` listing every bad line.
+ON_BAD_RECORD = ("error", "skip")
 
-    Blank lines are ignored. Paths come back absolute (relative ones joined to the manifest's
-    directory); file existence is not checked here: the pipeline counts missing media.
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+    """One manifest line that was not read: its line number, the first problem's code, and
+    every problem of the line."""
+
+    line: int
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The valid records of a manifest file and the lines left out (``on_bad_record="skip"``)."""
+
+    source: str
+    records: list[ManifestRecord]
+    bad: list[BadRecord]
+
+    def bad_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for b in self.bad:
+            counts[b.code] = counts.get(b.code, 0) + 1
+        return counts
+
+
+def load_manifest(path: str | os.PathLike, *, on_bad_record: str = "error") -> Manifest:
+    """Parses and validates a JSONL manifest.
+
+    ``on_bad_record="error"`` raises one `ManifestError` listing every bad line; ``"skip"``
+    keeps the valid records and returns the others in ``Manifest.bad`` (line number, code,
+    reasons), so one broken line does not reject the whole corpus. A manifest without one
+    valid record is an error either way. Blank lines are ignored. Paths come back absolute
+    (relative ones joined to the manifest's directory); file existence is not checked here:
+    the pipeline counts missing media.
     """
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
     path = os.fspath(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     records: list[ManifestRecord] = []
     problems: list[tuple[str, str]] = []
+    bad: list[BadRecord] = []
     first_seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -148,24 +189,30 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRecord]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                problems.append((loc, f"bad JSON ({e.msg} at column {e.colno})"))
-                continue
-            reasons = _record_problems(obj)
-            if not reasons:
-                rid = obj["id"]
-                if rid in first_seen:
-                    reasons.append(f"duplicate id {rid!r} (first on line {first_seen[rid]})")
-                else:
-                    first_seen[rid] = lineno
+                reasons = [("bad_json", f"bad JSON ({e.msg} at column {e.colno})")]
+            else:
+                reasons = _record_problems(obj)
+                if not reasons:
+                    rid = obj["id"]
+                    if rid in first_seen:
+                        reasons.append(("duplicate_id", f"duplicate id {rid!r} (first on line {first_seen[rid]})"))
+                    else:
+                        first_seen[rid] = lineno
             if reasons:
-                problems.extend((loc, r) for r in reasons)
+                problems.extend((loc, msg) for _, msg in reasons)
+                bad.append(BadRecord(lineno, reasons[0][0], "; ".join(msg for _, msg in reasons)))
             else:
                 records.append(_to_record(obj, base_dir))
-    if problems:
+    if problems and on_bad_record == "error":
         raise ManifestError(path, problems)
     if not records:
-        raise ManifestError(path, [(path, "manifest has no records")])
-    return records
+        raise ManifestError(path, problems or [(path, "manifest has no records")])
+    return Manifest(path, records, bad)
+
+
+def read_manifest(path: str | os.PathLike, *, on_bad_record: str = "error") -> list[ManifestRecord]:
+    """The valid records of `load_manifest` (by default every bad line raises one `ManifestError`)."""
+    return load_manifest(path, on_bad_record=on_bad_record).records
 
 
 def write_manifest(path: str | os.PathLike,
@@ -181,7 +228,7 @@ def write_manifest(path: str | os.PathLike,
     for index, rec in enumerate(records):
         obj = rec.to_json(base_dir) if isinstance(rec, ManifestRecord) else dict(rec)
         loc = f"{path}: record {index}"
-        reasons = _record_problems(obj)
+        reasons = [msg for _, msg in _record_problems(obj)]
         if not reasons:
             if obj["id"] in first_seen:
                 reasons.append(f"duplicate id {obj['id']!r} (first is record {first_seen[obj['id']]})")

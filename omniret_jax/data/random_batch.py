@@ -27,7 +27,7 @@ def random_view(rng: np.random.Generator, c, b: int, caption_chars: tuple[int, i
     """One view of ``b`` clips for config ``c`` (its data.* media settings); see the module docstring."""
     pcfg = PipelineConfig(num_frames=c.data.num_frames, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
     side = math.isqrt(c.data.max_pixels) // pcfg.patch_size
-    t_full = pcfg.num_patches // (side * side)
+    t_full = pcfg.temporal_grids
     samples = int(round(c.data.audio_seconds * SAMPLE_RATE))
     n_mel, t_mel = features.whisper_log_mel(np.zeros(samples, np.float32)).shape
     t_fb, n_fb = features.beats_fbank(np.zeros(samples, np.float32)).shape

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import ModelState
 from omniret_jax.config import EmbedConfig
-from omniret_jax.data.batch import prepare
+from omniret_jax.data.batch import caption_token_budget, prepare
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.eval import compression as C
@@ -52,7 +52,8 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 FINGERPRINT_FILE = "embeddings.json"
 # The paper's compression operating points for D = 3584 (WAVE-7B's hidden size).
 PAPER_DIM, PAPER_INT8_DIM, PAPER_BINARY_DIM = 3584, 1024, 512
-_DATA_KEYS = ("num_frames", "min_pixels", "max_pixels", "audio_seconds", "on_missing_audio", "max_caption_chars")
+_DATA_KEYS = ("num_frames", "min_pixels", "max_pixels", "audio_seconds", "on_missing_audio", "max_caption_chars",
+              "on_long_caption")
 
 
 def paths_for(directions: Sequence[str]) -> tuple[str, ...]:
@@ -62,12 +63,14 @@ def paths_for(directions: Sequence[str]) -> tuple[str, ...]:
 
 
 def eval_pipeline_config(c, num_workers: int | None = None) -> PipelineConfig:
-    """One clip per batch, in manifest order, once, with the centred audio crop."""
+    """One clip per batch, in manifest order, once, with the centred audio crop; a record that
+    fails is dropped (and then reported: the gallery must be complete), never replaced."""
     d = c.data
     return PipelineConfig(
         batch_size=1, seed=0, shuffle=False, num_epochs=1, num_frames=d.num_frames, min_pixels=d.min_pixels,
         max_pixels=d.max_pixels, audio_seconds=d.audio_seconds, audio_mode="center",
-        on_missing_audio=d.on_missing_audio, max_caption_chars=d.max_caption_chars, augment=False,
+        on_missing_audio=d.on_missing_audio, max_caption_chars=d.max_caption_chars,
+        on_long_caption=d.get("on_long_caption", "truncate"), augment=False, on_bad_sample="drop",
         num_workers=d.num_workers if num_workers is None else num_workers)
 
 
@@ -120,7 +123,9 @@ class GalleryEmbedder:
             pending.clear()
             bar.update(n)
 
-        pipeline = DataPipeline(list(records), pcfg, process_index=0, process_count=1)
+        if pcfg.caption_tokens is None:  # captions tokenised in the pipeline, within the padded lengths
+            pcfg = dataclasses.replace(pcfg, caption_tokens=caption_token_budget(self.ecfg))
+        pipeline = DataPipeline(list(records), pcfg, tokens=self.state.tokens, process_index=0, process_count=1)
         try:
             for sample in pipeline:
                 sid = sample["id"][0]

@@ -17,6 +17,8 @@ order so the thinker can scatter them into placeholder tokens in sequence.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,6 +30,8 @@ from omniret_jax.model.layers import (
     CONV, EMBED, VISION_EMBED, VISION_MLP, GatedMLP, Linear, RMSNorm, normal_init,
     rotate_half, segment_attention,
 )
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -132,10 +136,14 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
-        for i in cfg.fullatt_block_indexes:
-            if not 0 <= i < cfg.depth:
-                raise ValueError(f"fullatt_block_indexes entry {i} outside depth={cfg.depth}")
-        self.full_attention = frozenset(cfg.fullatt_block_indexes)
+        # transformers tests `layer_num in fullatt_block_indexes` per block, so an entry past the
+        # depth (a truncated or hand-edited config) is simply never hit: ignore it likewise, loudly.
+        outside = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
+        if outside:
+            log.warning("vision config: fullatt_block_indexes %s are outside depth=%d and are ignored (as transformers "
+                        "does); full attention runs in blocks %s", outside, cfg.depth,
+                        sorted(i for i in cfg.fullatt_block_indexes if 0 <= i < cfg.depth))
+        self.full_attention = frozenset(i for i in cfg.fullatt_block_indexes if 0 <= i < cfg.depth)
         self.patch_embed = PatchEmbed(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.depth)])

@@ -1,0 +1,137 @@
+"""Several hosts: two processes on this machine (jax.distributed on 127.0.0.1, CPU collectives,
+4 virtual CPU devices each) against one process with 8 devices, on a data=8 mesh.
+
+- Quick (default run): tests/multihost_worker.py in each process builds its rows of 3 global
+  batches (pipeline, augmentations, host layouts with the hard negatives of all three slots from
+  the exchanged row metadata), gathers rows across processes on the devices, places replicated
+  and sharded values; the two halves concatenated equal the one-process arrays exactly.
+- Slow: the train CLI with --config.distributed.* in two processes vs the CLI in one process:
+  same losses (1e-6 relative) and trainables (1e-5 relative), printed with the wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from omniret_jax.data.synth import SynthSettings, generate
+from tests import multihost_worker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(REPO))
+    return env
+
+
+def _run_all(commands: list[list[str]], devices: int, timeout: int, cwd=REPO) -> tuple[list[str], float]:
+    """Starts the commands together, waits for all (killing all on timeout); returns their outputs."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, cwd=cwd, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for cmd in commands]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    elapsed = time.perf_counter() - t0
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, f"exit {p.returncode}:\n{text[-4000:]}"
+    return outputs, elapsed
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("mh_corpus")
+    generate(str(out), 16, seed=3, settings=SynthSettings(seconds=2.0, size=64), progress=False)
+    return str(out / "manifest.jsonl")
+
+
+def test_two_processes_build_the_same_global_batch(manifest, tmp_path):
+    port = _free_port()
+    worker = str(REPO / "tests" / "multihost_worker.py")
+    outputs, elapsed = _run_all([[sys.executable, worker, str(port), str(i), str(tmp_path), manifest]
+                                 for i in range(2)], devices=4, timeout=600)
+    print("".join(o.splitlines()[-1] + "\n" for o in outputs) + f"two processes: {elapsed:.1f} s")
+    halves = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
+    assert jax.device_count() == 8
+    whole = multihost_worker.compute(manifest)
+    assert halves[0]["rows"].tolist() == [0, 4] and halves[1]["rows"].tolist() == [4, 8]
+    assert whole["rows"].tolist() == [0, 8]
+    keys = sorted(k for k in whole if k not in ("rows", "reduced"))
+    assert keys == sorted(k for k in halves[0] if k not in ("rows", "reduced"))
+    for key in keys:
+        np.testing.assert_array_equal(np.concatenate([halves[0][key], halves[1][key]]), whole[key], err_msg=key)
+    for half in halves:
+        np.testing.assert_array_equal(half["reduced"], whole["reduced"])
+    # the hard negatives really cross the process boundary: some rows of process 0 take another's
+    cross = [k for k in range(multihost_worker.BATCHES) if (halves[0][f"b{k}.neg_rows"] >= 4).any()]
+    assert cross, "no hard negative of process 0 came from process 1's rows"
+    print(f"{len(keys)} arrays equal; micro-batches with cross-process negatives: {cross}")
+
+
+def _train_cmd(workdir: Path, manifest: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "omniret_jax.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+            f"--config.data.manifest={manifest}", "--config.train.steps=3", "--config.train.batch_size=8",
+            "--config.train.log_every=1", "--config.train.ckpt_every=3", "--config.mesh.data=8", *extra]
+
+
+def _trainables(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    from omniret_jax import build
+    from omniret_jax.checkpoint import TrainCheckpointer
+
+    c = build.load_config(REPO / "configs" / "tiny.py")
+    _, trainable, _ = build.split_state(build.attach_lora(build.random_model(c), c, train=True),
+                                        build.lora_config(c), build.precision(c))
+    with TrainCheckpointer(workdir / "checkpoints") as ckpt:
+        r = ckpt.restore(step, trainable)
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(r.trainables))[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves}
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process(manifest, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, t_one = _run_all([_train_cmd(one, manifest)], devices=8, timeout=1200)
+    port = _free_port()
+    _, t_two = _run_all([_train_cmd(two, manifest, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
+                         for i in range(2)], devices=4, timeout=1200)
+    m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
+    worst_loss = 0.0
+    for a, b in zip(m1, m2):
+        for k in ("loss", "L_A", "L_D", "L_T", "grad_norm"):
+            rel = abs(a[k] - b[k]) / abs(a[k])
+            worst_loss = max(worst_loss, rel)
+            assert rel <= 1e-6, (a["step"], k, a[k], b[k])
+    p1, p2 = _trainables(one, 3), _trainables(two, 3)
+    assert p1.keys() == p2.keys()
+    rel = {k: float(np.linalg.norm(p2[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30)) for k in p1}
+    worst = max(rel, key=rel.get)
+    print(f"losses {[round(m['loss'], 6) for m in m1]} vs {[round(m['loss'], 6) for m in m2]}: worst relative "
+          f"difference {worst_loss:.2e}; {len(rel)} trainable leaves, worst {rel[worst]:.2e} ({worst}); wall time "
+          f"one process {t_one:.0f} s, two processes {t_two:.0f} s")
+    assert rel[worst] <= 1e-5
