@@ -10,9 +10,11 @@ global batch, one slot per step: text, audio, video, cycling).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from omniret_jax.config import BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
@@ -260,11 +262,13 @@ def negative_rows(step: int, batch_size: int, seed: int) -> np.ndarray:
 
 
 def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Tokens, ecfg: EmbedConfig,
-                 plan: ViewPlan, *, seed: int) -> TrainInputs:
+                 plan: ViewPlan, *, seed: int, neg_towers: bool = False) -> TrainInputs:
     """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
-    plan has an augmented view); ``plan`` says which paths the losses read."""
+    plan has an augmented view); ``plan`` says which paths the losses read. ``neg_towers``:
+    the hard-negative tuple as a view of its own (``TrainInputs.neg_view``), as a chunked step
+    needs."""
     anchor = prepare(batch, plan.anchor, model_cfg, tokens, ecfg)
-    aug = neg = neg_rows = None
+    aug = neg = neg_rows = neg_view = None
     if plan.aug:
         if "aug" not in batch:
             raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
@@ -278,6 +282,48 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
             swapped[key] = np.asarray(batch[key])[v]
         for key in ("mel", "mel_len", "fbank", "fbank_len"):
             swapped[key] = np.asarray(batch[key])[a]
-        neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
+        view = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg)
+        neg_view, neg = (view, None) if neg_towers else (None, view.paths["TVA"])
         neg_rows = rows.T.astype(np.int32)
-    return TrainInputs(anchor=anchor, aug=aug, neg=neg, neg_rows=neg_rows)
+    return TrainInputs(anchor=anchor, aug=aug, neg=neg, neg_rows=neg_rows, neg_view=neg_view)
+
+
+def chunked(inputs: TrainInputs, chunks: int) -> TrainInputs:
+    """Every leaf [C, ...] -> [chunks, C / chunks, ...]: chunk c holds examples c * K .. c * K + K - 1,
+    the layout of ``step.cached_train_step`` (shard its inputs on axis 1)."""
+    for name, p in (inputs.anchor.paths | ({} if inputs.aug is None else inputs.aug.paths)).items():
+        if p.input_ids.shape[0] != len(p.pool_index):
+            raise ValueError(f"path {name} is packed ({p.input_ids.shape[0]} rows for {len(p.pool_index)} "
+                             "sequences): a chunked step needs unpacked paths (embed.pack = ())")
+    if inputs.neg is not None and inputs.neg_view is None:
+        raise ValueError("a chunked step needs the hard-negative tuple as its own view: build_inputs(neg_towers=True)")
+    rows = len(inputs.anchor.paths[next(iter(inputs.anchor.paths))].pool_index)
+    if chunks < 1 or rows % chunks:
+        raise ValueError(f"{rows} examples do not split into {chunks} equal chunks")
+    k = rows // chunks
+
+    first_row = np.arange(rows) // k * k   # the first row of each row's chunk
+
+    def rebase(p: PathInputs, capacity: dict[int, int]) -> PathInputs:
+        """pool_index and the merge indices are flat over a pass's rows (and its towers' rows):
+        make them flat over each chunk's own K rows."""
+        index = p.index.copy()
+        for kind, cap in capacity.items():
+            hit = p.source == kind
+            index[hit] -= np.broadcast_to(first_row[:, None] * cap, index.shape)[hit]
+        pool = p.pool_index - first_row * p.input_ids.shape[1]
+        return dataclasses.replace(p, index=index.astype(np.int32), pool_index=pool.astype(np.int32))
+
+    def view(v: EmbedInputs | None) -> EmbedInputs | None:
+        if v is None:
+            return None
+        capacity = {}
+        if v.video_layout is not None:
+            capacity[VIDEO] = v.video_layout.window_index.shape[1]           # merge units per row
+        if v.mel is not None:
+            capacity[AUDIO] = v.mel.shape[-1] // 4 * (2 if v.fbank is not None else 1)  # WAVE doubles
+        return dataclasses.replace(v, paths={n: rebase(p, capacity) for n, p in v.paths.items()})
+
+    local = dataclasses.replace(inputs, anchor=view(inputs.anchor), aug=view(inputs.aug), neg_view=view(inputs.neg_view))
+    # The reshaped tree is rebuilt by unflattening, which does not re-run the [C, ...] shape contracts.
+    return jax.tree.map(lambda x: np.asarray(x).reshape(chunks, k, *np.shape(x)[1:]), local)
