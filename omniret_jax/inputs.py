@@ -99,8 +99,15 @@ class EmbedInputs:
 @_pytree
 @dataclasses.dataclass(frozen=True)
 class TrainInputs:
-    """One train step: the anchor view, the augmented view, the hard-negative tuple."""
+    """One train step: the anchor view, the augmented view, the hard-negative tuple.
+
+    The tuple's TVA pass either reuses the anchor's tower outputs, rows permuted by
+    ``neg_rows`` (``neg``: its token layout only), or runs the towers on its own swapped media
+    (``neg_view``: a whole view, what a chunked step needs, where the rows a negative borrows
+    may sit in another chunk).
+    """
     anchor: EmbedInputs
     aug: EmbedInputs | None = None
     neg: PathInputs | None = None             # TVA layout of the hard-negative tuple
     neg_rows: Int[Arr, "b 3"] | None = None   # text / video / audio source row of each negative
+    neg_view: EmbedInputs | None = None       # the tuple as a view of its own (paths {"TVA"})

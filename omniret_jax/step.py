@@ -21,6 +21,7 @@ from omniret_jax.config import EmbedConfig
 from omniret_jax.inputs import AUDIO, VIDEO, TrainInputs
 from omniret_jax.losses import LossConfig, compute_losses
 from omniret_jax.model.embedder import embed_path, encode_media
+from omniret_jax.model.layers import set_row_offset
 from omniret_jax.model.thinker import MediaFeatures
 
 
@@ -28,21 +29,33 @@ def _rows(f: MediaFeatures, rows: jax.Array) -> MediaFeatures:
     return MediaFeatures(jnp.take(f.features, rows, axis=0), jnp.take(f.valid, rows, axis=0))
 
 
-def embeddings(model, inputs: TrainInputs, ecfg: EmbedConfig) -> dict[str, jax.Array]:
-    """Every embedding the losses read, keyed as omniret_jax.losses.compute_losses expects."""
+def embeddings(model, inputs: TrainInputs, ecfg: EmbedConfig, *, negatives: bool = True) -> dict[str, jax.Array]:
+    """Every embedding the losses read, keyed as omniret_jax.losses.compute_losses expects
+    (without the hard-negative tuple when ``negatives`` is False: it never takes gradient)."""
     media = encode_media(model, inputs.anchor)
     emb = {p: embed_path(model, p, pi, media, ecfg) for p, pi in inputs.anchor.paths.items()}
     if inputs.aug is not None:
         aug_media = encode_media(model, inputs.aug)
         emb.update({p + "_aug": embed_path(model, p, pi, aug_media, ecfg) for p, pi in inputs.aug.paths.items()})
-    if inputs.neg is not None:
-        t, v, a = inputs.neg_rows.T
+    if not negatives:
+        return emb
+    if inputs.neg_view is not None:
+        emb["TVA_neg"] = embed_path(model, "TVA", inputs.neg_view.paths["TVA"], encode_media(model, inputs.neg_view),
+                                    ecfg)
+    elif inputs.neg is not None:
+        _, v, a = inputs.neg_rows.T
         neg_media = {VIDEO: _rows(media[VIDEO], v), AUDIO: _rows(media[AUDIO], a)}
         emb["TVA_neg"] = embed_path(model, "TVA", inputs.neg, neg_media, ecfg)
-        for m, rows in (("T", t), ("V", v), ("A", a)):
-            if m in emb:  # per-modality negative for the cross-modal tuple similarity
-                emb[m + "_neg"] = jnp.take(emb[m], rows, axis=0)
+    if inputs.neg_rows is not None:
+        emb.update(modality_negatives(emb, inputs.neg_rows))
     return emb
+
+
+def modality_negatives(emb: dict[str, jax.Array], neg_rows: jax.Array) -> dict[str, jax.Array]:
+    """Per-modality embeddings of the hard-negative tuple (the cross-modal tuple similarity):
+    the batch's own T/V/A rows, taken at the tuple's source rows."""
+    t, v, a = neg_rows.T
+    return {m + "_neg": jnp.take(emb[m], rows, axis=0) for m, rows in (("T", t), ("V", v), ("A", a)) if m in emb}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +119,8 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def train_step(graphdef, trainable, frozen, opt_state, inputs: TrainInputs, step, dropout_key,
-               *, wrt, tx: optax.GradientTransformation, cfg: StepConfig):
-    """One update. Returns (trainable, opt_state, metrics).
-
-    ``frozen`` is everything but the trainable state (base weights, RNG state),
-    ``wrt`` the nnx filter that selected ``trainable``. The adapter dropout is
-    reseeded from ``dropout_key`` so a resumed run draws the same masks. A
-    non-finite loss or gradient skips the update (parameters and optimizer state
-    unchanged) and reports ``skipped = 1``.
-    """
+def loss_and_grads(graphdef, trainable, frozen, inputs: TrainInputs, step, dropout_key, *, wrt, cfg: StepConfig):
+    """(loss, metrics, gradients of the trainables) of one batch, all embeddings in one pass."""
     model = nnx.merge(graphdef, trainable, frozen)
     nnx.reseed(model, dropout=dropout_key)
 
@@ -124,9 +129,86 @@ def train_step(graphdef, trainable, frozen, opt_state, inputs: TrainInputs, step
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, metrics), grads = grad_fn(model)
+    return loss, metrics, grads
+
+
+def train_step(graphdef, trainable, frozen, opt_state, inputs: TrainInputs, step, dropout_key,
+               *, wrt, tx: optax.GradientTransformation, cfg: StepConfig, cached: bool = False):
+    """One update. Returns (trainable, opt_state, metrics).
+
+    ``frozen`` is everything but the trainable state (base weights, RNG state),
+    ``wrt`` the nnx filter that selected ``trainable``. The adapter dropout is
+    reseeded from ``dropout_key`` so a resumed run draws the same masks. A
+    non-finite loss or gradient skips the update (parameters and optimizer state
+    unchanged) and reports ``skipped = 1``. ``cached``: the inputs are chunked and the
+    gradient is computed chunk by chunk (``cached_loss_and_grads``).
+    """
+    grads_of = cached_loss_and_grads if cached else loss_and_grads
+    loss, metrics, grads = grads_of(graphdef, trainable, frozen, inputs, step, dropout_key, wrt=wrt, cfg=cfg)
+    return _apply_update(trainable, opt_state, grads, loss, metrics, tx)
+
+
+def _apply_update(trainable, opt_state, grads, loss, metrics, tx):
+    """AdamW on finite loss and gradients; otherwise parameters and optimizer state unchanged."""
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, new_opt = tx.update(grads, opt_state, trainable)
     new_params = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), skipped=1 - finite.astype(jnp.int32))
     return keep(new_params, trainable), keep(new_opt, opt_state), metrics
+
+
+# ----------------------------------------------------------------------------- gradient caching
+
+def cached_loss_and_grads(graphdef, trainable, frozen, inputs: TrainInputs, step, dropout_key, *, wrt,
+                          cfg: StepConfig):
+    """``loss_and_grads`` over a contrastive batch of C examples held as n chunks of K (every input
+    leaf is [n, K, ...], ``data.batch.chunked``), with the memory of one chunk (Gao et al.'s
+    gradient caching):
+
+    1. embed every chunk without gradient (a scan: one chunk's activations alive at a time);
+    2. the losses over all C embeddings (every example the others' negative) and their gradient
+       with respect to the embeddings (the teacher under stop_gradient, the hard negatives never
+       differentiated, exactly as in the one-shot step);
+    3. embed every chunk again, this time pulling its slice of the cached embedding gradient back
+       to the trainables (a vjp inside a scan), and sum.
+    Example g = c * K + j of chunk c. The adapter dropout is reseeded identically before every
+    chunk and keyed by the example's global row, so both passes draw the masks the one-shot step
+    draws: loss and gradients equal it up to float round-off. Costs one extra forward of the
+    gradient passes. The hard-negative tuple must come as ``neg_view`` (its towers run in its
+    chunk) and paths must be unpacked (a chunk is a slice of rows).
+    """
+    n, k = inputs.anchor.paths[next(iter(inputs.anchor.paths))].input_ids.shape[:2]
+
+    def chunk(i):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), inputs)
+
+    def embed_chunk(params, i, *, negatives: bool):
+        # Fresh Variables in this trace (the scan body): reseeding mutates the RNG state.
+        model = nnx.merge(graphdef, params, frozen, copy=True)
+        nnx.reseed(model, dropout=dropout_key)
+        set_row_offset(model, i * k)
+        return embeddings(model, chunk(i), cfg.ecfg, negatives=negatives)
+
+    def forward(_, i):
+        e = embed_chunk(trainable, i, negatives=True)
+        return None, {key: v for key, v in e.items() if not key.endswith("_neg") or key == "TVA_neg"}
+
+    _, chunks = jax.lax.scan(forward, None, jnp.arange(n))
+    emb = jax.lax.stop_gradient({key: v.reshape(n * k, *v.shape[2:]) for key, v in chunks.items()})
+    if inputs.neg_rows is not None:
+        emb.update(modality_negatives(emb, inputs.neg_rows.reshape(n * k, 3)))
+
+    def loss_of(e):
+        return compute_losses(e, step, cfg.loss)
+
+    (loss, metrics), emb_grads = jax.value_and_grad(loss_of, has_aux=True)(emb)
+    emb_grads = {key: g.reshape(n, k, *g.shape[1:]) for key, g in emb_grads.items()}
+
+    def backward(acc, i):
+        out, pull = jax.vjp(lambda p: embed_chunk(p, i, negatives=False), trainable)
+        (g,) = pull({key: emb_grads[key][i] for key in out})
+        return jax.tree.map(jnp.add, acc, g), None
+
+    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, trainable), jnp.arange(n))
+    return loss, metrics, grads

@@ -164,7 +164,6 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, trainable), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
 
-    pcfg = pipeline_config(c, augment=bool(plan.aug))
     budget = caption_token_budget(ecfg)
     pcfg = pipeline_config(c, augment=bool(plan.aug), caption_tokens=budget)
     pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows)

@@ -271,7 +271,7 @@ def test_timeout_and_unexpected_errors(corpus, monkeypatch):
 
     monkeypatch.setattr(pipeline.decode, "decode_video", flaky)
     cfg = dataclasses.replace(CFG, batch_size=1, max_pixels=56 * 56, audio_seconds=1.0,
-                            sample_timeout_s=0.5)
+                              sample_timeout_s=3.0)   # well above an ordinary sample's time on a loaded machine
     t0 = time.perf_counter()
     with DataPipeline(corpus, cfg, process_index=0, process_count=1) as pipe:
         ids = [b["id"][0] for b in pipe]
@@ -300,8 +300,9 @@ class _HangingLoad(pipeline.LoadSample):
 
 def test_worker_process_timeout(corpus, monkeypatch):
     monkeypatch.setattr(pipeline, "LoadSample", _HangingLoad)
+    # 5 s: a fresh worker's first sample pays its imports; 1 s timed ordinary samples out under load.
     cfg = dataclasses.replace(CFG, batch_size=1, max_pixels=56 * 56, audio_seconds=1.0,
-                              sample_timeout_s=1.0, num_workers=1)
+                              sample_timeout_s=5.0, num_workers=1)
     t0 = time.perf_counter()
     with DataPipeline(corpus, cfg, process_index=0, process_count=1) as pipe:
         ids = [b["id"][0] for b in pipe]

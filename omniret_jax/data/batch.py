@@ -12,9 +12,11 @@ metadata a hard negative needs from other rows (``row_metadata``).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from omniret_jax.config import BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
@@ -242,28 +244,28 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
     b = batch_rows(batch)
     meta: dict = {"captions": caption_lists(batch, tokens=tokens) if need_t else None}
 
-    out = EmbedInputs(paths={})
+    towers: dict = {}
     if need_v:
         patches = np.asarray(batch["video_patches"], np.float32)
         grids = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
-        out.video_patches = patches
-        out.video_layout = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
+        towers["video_patches"] = patches
+        towers["video_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
         meta["video_grid_thw"] = grids
         meta["video_second_per_grid"] = np.asarray(batch["video_second_per_grid"]).reshape(b)
     if need_a:
         mel = np.asarray(batch["mel"], np.float32)
         mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
-        out.mel, out.mel_lens = mel, mel_lens
+        towers["mel"], towers["mel_lens"] = mel, mel_lens
         meta["mel_len"] = mel_lens
         if wave_doubled_audio:
             fbank = np.asarray(batch["fbank"], np.float32)
             t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
             lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
-            out.fbank = fbank[:, :t_b]
-            out.fbank_padding = np.arange(t_b)[None, :] >= lens[:, None]
-    out.paths = _row_layouts(meta, paths, model_cfg, tokens, ecfg, _capacity(batch, model_cfg, wave_doubled_audio),
-                             row_offset=row_offset, wave_doubled_audio=wave_doubled_audio)
-    return out
+            towers["fbank"] = fbank[:, :t_b]
+            towers["fbank_padding"] = np.arange(t_b)[None, :] >= lens[:, None]
+    layouts = _row_layouts(meta, paths, model_cfg, tokens, ecfg, _capacity(batch, model_cfg, wave_doubled_audio),
+                           row_offset=row_offset, wave_doubled_audio=wave_doubled_audio)
+    return EmbedInputs(paths=layouts, **towers)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -341,7 +343,7 @@ def _lists(ids: np.ndarray, lens: np.ndarray) -> list[list[int]]:
 
 def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Tokens, ecfg: EmbedConfig,
                  plan: ViewPlan, *, seed: int, counter: int | None = None, text_negative: str = "batch",
-                 gather=None, row_offset: int = 0) -> TrainInputs:
+                 gather=None, row_offset: int = 0, neg_towers: bool = False) -> TrainInputs:
     """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
     plan has an augmented view); ``plan`` says which paths the losses read.
 
@@ -353,16 +355,21 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
     ``batch`` is this process's rows, starting at global row ``row_offset``, and ``gather``
     maps a dict of per-row arrays to the same dict over the global batch (every process's rows
     in row order): the negative may combine this row's clip with a caption, video or audio of
-    a row that lives on another process.
+    a row that lives on another process. ``neg_towers``: the hard-negative tuple as a view of
+    its own (``TrainInputs.neg_view``: the swapped rows' media, for the towers to run on), as a
+    chunked step needs; one process only (the media of another process's rows are not here).
     """
     if text_negative not in TEXT_NEGATIVES:
         raise ValueError(f"text_negative={text_negative!r}; expected one of {TEXT_NEGATIVES}")
     counter = step if counter is None else counter
-    out = TrainInputs(anchor=prepare(batch, plan.anchor, model_cfg, tokens, ecfg, row_offset=row_offset))
+    if neg_towers and gather is not None:
+        raise ValueError("a chunked (gradient-cached) step runs in one process: the hard-negative view takes its "
+                         "swapped rows' media from this process's batch")
+    out = dict(anchor=prepare(batch, plan.anchor, model_cfg, tokens, ecfg, row_offset=row_offset))
     if plan.aug:
         if "aug" not in batch:
             raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
-        out.aug = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg, row_offset=row_offset)
+        out["aug"] = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg, row_offset=row_offset)
     if plan.negative:
         b = batch_rows(batch)
         if gather is not None and "caption_ids" not in batch:
@@ -382,7 +389,57 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
             captions = _lists(full["caption_ids"][t], full["caption_len"][t])
         swapped = {"captions": captions, "video_grid_thw": full["video_grid_thw"][v],
                    "video_second_per_grid": full["video_second_per_grid"][v], "mel_len": full["mel_len"][a]}
-        out.neg = _row_layouts(swapped, ("TVA",), model_cfg, tokens, ecfg, _capacity(batch, model_cfg, True),
-                               row_offset=row_offset, wave_doubled_audio=True)["TVA"]
-        out.neg_rows = rows.T[local].astype(np.int32)
-    return out
+        out["neg"] = _row_layouts(swapped, ("TVA",), model_cfg, tokens, ecfg, _capacity(batch, model_cfg, True),
+                                  row_offset=row_offset, wave_doubled_audio=True)["TVA"]
+        out["neg_rows"] = rows.T[local].astype(np.int32)
+        if neg_towers:
+            media = {k: np.asarray(batch[k])[v] for k in ("video_patches", "video_grid_thw", "video_second_per_grid")}
+            media |= {k: np.asarray(batch[k])[a] for k in ("mel", "mel_len", "fbank", "fbank_len")}
+            ids = np.zeros((b, max(map(len, captions))), np.int32)
+            for i, c in enumerate(captions):
+                ids[i, :len(c)] = c
+            out["neg_view"] = prepare(media | {"caption_ids": ids, "caption_len": np.asarray(list(map(len, captions)))},
+                                      ("TVA",), model_cfg, tokens, ecfg)
+            out["neg"] = None
+    return TrainInputs(**out)
+
+
+def chunked(inputs: TrainInputs, chunks: int) -> TrainInputs:
+    """Every leaf [C, ...] -> [chunks, C / chunks, ...]: chunk c holds examples c * K .. c * K + K - 1,
+    the layout of ``step.cached_train_step`` (shard its inputs on axis 1)."""
+    for name, p in (inputs.anchor.paths | ({} if inputs.aug is None else inputs.aug.paths)).items():
+        if p.input_ids.shape[0] != len(p.pool_index):
+            raise ValueError(f"path {name} is packed ({p.input_ids.shape[0]} rows for {len(p.pool_index)} "
+                             "sequences): a chunked step needs unpacked paths (embed.pack = ())")
+    if inputs.neg is not None and inputs.neg_view is None:
+        raise ValueError("a chunked step needs the hard-negative tuple as its own view: build_inputs(neg_towers=True)")
+    rows = len(inputs.anchor.paths[next(iter(inputs.anchor.paths))].pool_index)
+    if chunks < 1 or rows % chunks:
+        raise ValueError(f"{rows} examples do not split into {chunks} equal chunks")
+    k = rows // chunks
+
+    first_row = np.arange(rows) // k * k   # the first row of each row's chunk
+
+    def rebase(p: PathInputs, capacity: dict[int, int]) -> PathInputs:
+        """pool_index and the merge indices are flat over a pass's rows (and its towers' rows):
+        make them flat over each chunk's own K rows."""
+        index = p.index.copy()
+        for kind, cap in capacity.items():
+            hit = p.source == kind
+            index[hit] -= np.broadcast_to(first_row[:, None] * cap, index.shape)[hit]
+        pool = p.pool_index - first_row * p.input_ids.shape[1]
+        return dataclasses.replace(p, index=index.astype(np.int32), pool_index=pool.astype(np.int32))
+
+    def view(v: EmbedInputs | None) -> EmbedInputs | None:
+        if v is None:
+            return None
+        capacity = {}
+        if v.video_layout is not None:
+            capacity[VIDEO] = v.video_layout.window_index.shape[1]           # merge units per row
+        if v.mel is not None:
+            capacity[AUDIO] = v.mel.shape[-1] // 4 * (2 if v.fbank is not None else 1)  # WAVE doubles
+        return dataclasses.replace(v, paths={n: rebase(p, capacity) for n, p in v.paths.items()})
+
+    local = dataclasses.replace(inputs, anchor=view(inputs.anchor), aug=view(inputs.aug), neg_view=view(inputs.neg_view))
+    # The reshaped tree is rebuilt by unflattening, which does not re-run the [C, ...] shape contracts.
+    return jax.tree.map(lambda x: np.asarray(x).reshape(chunks, k, *np.shape(x)[1:]), local)
