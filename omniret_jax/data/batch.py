@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from omniret_jax.config import EmbedConfig, ThinkerConfig, ViewPlan, check_paths
-from omniret_jax.data.layout import Audio, Video, audio_output_lengths, batch_media, expand_turn, pad_batch, rope_index
+from omniret_jax.config import PATHS, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
+from omniret_jax.data.layout import (Audio, Text, TurnLayout, Video, audio_output_lengths, batch_media, expand_turn,
+                                     pad_batch, rope_index)
 from omniret_jax.data.tokens import Tokens
 from omniret_jax.data.vision_layout import vision_layout
 from omniret_jax.inputs import AUDIO, IMAGE, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
@@ -67,23 +68,68 @@ def merge_indices(input_ids: np.ndarray, cfg: ThinkerConfig, n_valid: Mapping[in
     return source, index
 
 
-def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], prompts: Mapping[str, int]) -> int:
+def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], fixed: Mapping[str, int]) -> int:
     """Padded length of a path's rows: the longest row the batch's fixed shapes allow, exactly.
 
     Media blocks take their tower capacity (video tokens of P patches, audio tokens of T mel
     frames, doubled for WAVE) plus their start/end tokens; text takes the caption budget
-    (``text_len - 1`` tokens) or the path's fixed prompt; one ``<|im_end|>``. Rounded up to
-    ``ecfg.length_multiple``. Nothing depends on the batch's content, so every batch of a run
-    has the same shapes and the step compiles once.
+    (``text_len - 1`` tokens) on the paths with T; ``fixed[path]`` counts the rest (turn template,
+    prefix, the fixed prompt of V / A / AV: ``fixed_ids``). Rounded up to
+    ``ecfg.length_multiple``. Nothing depends on the batch's content, so every batch of a run has
+    the same shapes and the step compiles once.
     """
-    n = 1  # <|im_end|>
+    n = fixed[path]
     if "V" in path:
         n += 2 + capacity[VIDEO]
     if "A" in path:
         n += 2 + capacity[AUDIO]
-    n += ecfg.text_len - 1 if "T" in path else prompts.get(path, 0)
+    if "T" in path:
+        n += ecfg.text_len - 1
     m = ecfg.length_multiple
     return -(-n // m) * m
+
+
+def prefix(path: str, ecfg: EmbedConfig) -> str:
+    """The text before a path's caption or prompt: the query prefix on T, the passage prefix on
+    every path with media."""
+    return ecfg.query_prefix if path == "T" else ecfg.passage_prefix
+
+
+def fixed_ids(ecfg: EmbedConfig, tokens: Tokens) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """(turn start, turn end, {path: the ids of its fixed text}): the prefix on the paths with T
+    (where it is encoded together with the caption, as a tokenizer sees the turn), prefix +
+    prompt on V / A / AV."""
+    prompts = {"V": ecfg.video_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}
+    text = {p: tokens.encode_text(prefix(p, ecfg) + ("" if "T" in p else prompts[p])) for p in PATHS}
+    return tokens.encode_text(ecfg.turn_start), tokens.encode_text(ecfg.turn_end), text
+
+
+def turn(media: list, text: list[int], start: list[int], end: list[int], ecfg: EmbedConfig,
+         cfg: ThinkerConfig) -> TurnLayout:
+    """One path's sequence: ``start``, then the media blocks and ``text`` in the configured
+    order, then ``end``."""
+    if ecfg.text_first:
+        return expand_turn([Text(tuple(start + text)), *media], end, cfg, wave_doubled_audio=ecfg.doubled_audio)
+    return expand_turn([Text(tuple(start)), *media], text + end, cfg, wave_doubled_audio=ecfg.doubled_audio)
+
+
+def pooled_counts(p: PathInputs) -> np.ndarray:
+    """Real tokens of each sequence of a pass [B]: the tokens of its segment in its row (what a
+    mean pool averages); 0 when its pooled index points at padding."""
+    length = p.attention_mask.shape[1]
+    rows, cols = np.divmod(np.asarray(p.pool_index), length)
+    seg = np.asarray(p.attention_mask)[rows, cols]
+    return np.array([int((np.asarray(p.attention_mask)[r] == g).sum()) if g > 0 else 0 for r, g in zip(rows, seg)])
+
+
+def check_pooling(p: PathInputs, path: str, ecfg: EmbedConfig) -> None:
+    """Host-side guard of a mean-pooled pass: every sequence has real tokens to average."""
+    if ecfg.pooling != "mean":
+        return
+    empty = np.flatnonzero(pooled_counts(p) == 0)
+    if len(empty):
+        raise ValueError(f"EmbedConfig.pooling='mean' averages each sequence's real tokens, but sample(s) "
+                         f"{empty.tolist()} of the {path} path have none (an all-padding row)")
 
 
 def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int) -> PathInputs:
@@ -125,35 +171,36 @@ def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int) -> PathInp
     return PathInputs(ids, mask, pos, source, index, pool)
 
 
-def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
-            wave_doubled_audio: bool = True) -> EmbedInputs:
+def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig) -> EmbedInputs:
     """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
 
     ``batch`` holds (as produced by omniret_jax.data.pipeline): ``caption`` (list
     of str), ``video_patches`` [B, P, F], ``video_grid_thw`` [B, 3],
     ``video_second_per_grid`` [B], ``mel`` [B, n_mels, T], ``mel_len`` [B],
     ``fbank`` [B, T_b, 128], ``fbank_len`` [B]; only the modalities the paths use
-    are required.
+    are required (``fbank`` only with ``ecfg.audio_branch`` "whisper_beats"). The token layout
+    of every path follows ``ecfg`` (see ``EmbedConfig``).
     """
     paths = check_paths(paths)
     need_v = any("V" in p for p in paths)
     need_a = any("A" in p for p in paths)
     need_t = any("T" in p for p in paths)
+    doubled = ecfg.doubled_audio
     for key, needed in (("video_patches", need_v), ("video_grid_thw", need_v), ("video_second_per_grid", need_v),
                         ("mel", need_a), ("mel_len", need_a), ("caption", need_t)):
         if needed and key not in batch:
             raise KeyError(f"paths {paths} need batch[{key!r}]")
-    if wave_doubled_audio and need_a and "fbank" not in batch:
-        raise KeyError("the WAVE audio path needs batch['fbank'] and batch['fbank_len'] for BEATs")
+    if doubled and need_a and "fbank" not in batch:
+        raise KeyError("the WAVE audio path (EmbedConfig.audio_branch='whisper_beats') needs batch['fbank'] and "
+                       "batch['fbank_len'] for BEATs")
     b = batch_rows(batch)
-    captions = None
+    captions: dict[str, list[list[int]]] = {}   # prefix -> each sample's prefix + caption, encoded together
     if need_t:
-        captions = []
         for i, c in enumerate(batch["caption"]):
-            ids = tokens.encode(c) if isinstance(c, str) else []
-            if not ids:
+            if not (isinstance(c, str) and tokens.encode(c)):
                 raise ValueError(f"sample {i}: empty caption, but paths {paths} embed text")
-            captions.append(list(ids))
+        for pre in {prefix(p, ecfg) for p in paths if "T" in p}:
+            captions[pre] = [list(tokens.encode(pre + c)) for c in batch["caption"]]
 
     towers: dict = {}
     n_valid, capacity = {}, {}
@@ -170,24 +217,21 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
         mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
         towers["mel"], towers["mel_lens"] = mel, mel_lens
         n_w = audio_output_lengths(mel_lens)
-        n_valid[AUDIO] = list(2 * n_w) if wave_doubled_audio else list(n_w)
-        capacity[AUDIO] = mel.shape[-1] // 4 * (2 if wave_doubled_audio else 1)
-        if wave_doubled_audio:
+        n_valid[AUDIO] = list(2 * n_w) if doubled else list(n_w)
+        capacity[AUDIO] = mel.shape[-1] // 4 * (2 if doubled else 1)
+        if doubled:
             fbank = np.asarray(batch["fbank"], np.float32)
             t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
             lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
             towers["fbank"] = fbank[:, :t_b]
             towers["fbank_padding"] = np.arange(t_b)[None, :] >= lens[:, None]
 
-    prompts = {p: len(tokens.encode(t)) for p, t in (("V", ecfg.video_prompt), ("A", ecfg.audio_prompt),
-                                                      ("AV", ecfg.av_prompt))}
+    start, end, texts = fixed_ids(ecfg, tokens)
+    fixed = {p: len(start) + len(end) + len(texts[p]) for p in PATHS}
     layouts = {}
     for path in paths:
         rows = []
         for i in range(b):
-            if path == "T":
-                rows.append(expand_turn([], captions[i] + [tokens.im_end_id], model_cfg))
-                continue
             media = []
             if "V" in path:
                 video = Video(tuple(int(x) for x in batch["video_grid_thw"][i]),
@@ -196,14 +240,9 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
                 media.append(video)
             if "A" in path and not ("V" in path and ecfg.audio_in_video):
                 media.append(Audio(int(batch["mel_len"][i])))
-            if "T" in path:
-                prompt = captions[i]
-            else:
-                prompt = tokens.encode({"V": ecfg.video_prompt, "A": ecfg.audio_prompt,
-                                        "AV": ecfg.av_prompt}[path])
-            rows.append(expand_turn(media, list(prompt) + [tokens.im_end_id], model_cfg,
-                                    wave_doubled_audio=wave_doubled_audio))
-        length = path_length(path, ecfg, capacity, prompts)
+            text = captions[prefix(path, ecfg)][i] if "T" in path else texts[path]
+            rows.append(turn(media, text, start, end, ecfg, model_cfg))
+        length = path_length(path, ecfg, capacity, fixed)
         padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
                            names=[f"sample {i} ({path} path)" for i in range(b)])
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
@@ -213,6 +252,7 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
                               np.arange(b, dtype=np.int32) * length + padded.last_index)
         per_row, row_len = ecfg.packing(path)
         layouts[path] = pack_rows(unpacked, per_row, row_len or per_row * length, tokens.pad_id)
+        check_pooling(layouts[path], path, ecfg)
     return EmbedInputs(paths=layouts, **towers)
 
 
@@ -273,7 +313,8 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
         for key in ("video_patches", "video_grid_thw", "video_second_per_grid"):
             swapped[key] = np.asarray(batch[key])[v]
         for key in ("mel", "mel_len", "fbank", "fbank_len"):
-            swapped[key] = np.asarray(batch[key])[a]
+            if key in batch:  # fbank: only the WAVE audio branch reads it
+                swapped[key] = np.asarray(batch[key])[a]
         neg = prepare(swapped, ("TVA",), model_cfg, tokens, ecfg).paths["TVA"]
         neg_rows = rows.T.astype(np.int32)
     return TrainInputs(anchor=anchor, aug=aug, neg=neg, neg_rows=neg_rows)
