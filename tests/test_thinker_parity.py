@@ -21,7 +21,8 @@ from omniret_jax.data.batch import merge_indices
 from omniret_jax.data.layout import audio_output_lengths
 from omniret_jax.data.vision_layout import vision_layout
 from omniret_jax.inputs import AUDIO, IMAGE, VIDEO
-from tests.hf_tiny import IM_END, tiny_hf_thinker
+from omniret_jax.model.embedder import l2_normalize, mean_pool
+from tests.hf_tiny import IM_END, bidirectional_mask, tiny_hf_thinker
 
 TOL = 1e-4
 PATCH = 3 * 2 * 14 * 14
@@ -52,8 +53,12 @@ def _row(rng, media, n_prompt, cfg):
     return expand_turn(media, prompt, cfg)
 
 
-def _run(models, rows, rng, side="left"):
-    """rows: list of (media items, prompt length). Returns the measured errors."""
+def _run(models, rows, rng, side="left", *, bidirectional=False):
+    """rows: list of (media items, prompt length). Returns the measured errors.
+
+    ``bidirectional``: both models are (tests/hf_tiny.make_bidirectional, TextConfig.causal
+    False); the reference gets the 4-D padding-only mask and explicit position ids, and the
+    masked mean of the last hidden state (the Nemotron embedding) is compared too."""
     hf, fx = models
     cfg = fx.cfg
     layouts = [_row(rng, media, n, cfg) for media, n in rows]
@@ -88,10 +93,13 @@ def _run(models, rows, rng, side="left"):
             fmask[i, : m.shape[1]] = 1
         kw.update(input_features=torch.tensor(feats), feature_attention_mask=torch.tensor(fmask))
     with torch.no_grad():
-        ref = hf(**kw)
         ref_pos, _ = hf.model.get_rope_index(
             kw["input_ids"], kw.get("image_grid_thw"), kw.get("video_grid_thw"), kw["attention_mask"],
             meta["use_audio_in_video"], torch.tensor(mel_lens) if mels else None, kw.get("video_second_per_grid"))
+        if bidirectional:
+            ref = hf(**dict(kw, attention_mask=bidirectional_mask(kw["attention_mask"]), position_ids=ref_pos))
+        else:
+            ref = hf(**kw)
 
     # --- ours: position ids on the host, towers over one row per item, gather-merge
     pos, _ = rope_index(batch.input_ids, batch.attention_mask, cfg, **meta)
@@ -122,8 +130,14 @@ def _run(models, rows, rng, side="left"):
     for i, h in enumerate(ref.hidden_states):
         errors[f"hidden_{i}"] = float(np.abs(np.asarray(states[i]) - h.numpy())[real].max())
     errors["logits"] = float(np.abs(np.asarray(logits) - ref.logits.numpy())[real].max())
+    if bidirectional:
+        mask = kw["attention_mask"][..., None]
+        want = torch.nn.functional.normalize((ref.hidden_states[-1] * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+        last = np.arange(len(real)) * real.shape[1] + batch.last_index
+        got = l2_normalize(mean_pool(states[-1], batch.attention_mask, last))
+        errors["mean_pool"] = float(np.abs(np.asarray(got) - want).max())
     worst = max(errors.values())
-    print(f"\nmax abs error ({side}-padded): " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+    print(f"\nmax abs error ({side}-padded{', bidirectional' if bidirectional else ''}): " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
     assert worst <= TOL, f"max abs error {worst:.3e} > {TOL} ({errors})"
     return errors
 

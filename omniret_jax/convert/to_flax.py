@@ -118,17 +118,32 @@ def load_module(
     return module, LoadReport(layout=layout, loaded=len(wanted), ignored=ignored, nbytes=nbytes)
 
 
+def _model_type(path) -> str | None:
+    cfg_file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        return json.loads(cfg_file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def load_thinker(path, *, precision: Precision = Precision(), layout: str | None = None, mesh: Mesh | None = None,
-                 allow_pickle: bool = False, progress: bool = True) -> tuple[Thinker, LoadReport]:
+                 allow_pickle: bool = False, remat: str = "none",
+                 configure: Callable[[ThinkerConfig], ThinkerConfig] | None = None,
+                 progress: bool = True) -> tuple[Thinker, LoadReport]:
     """A Qwen2.5-Omni thinker from a Hugging Face checkpoint directory (config.json + weights),
-    every weight in ``precision.frozen``."""
+    every weight in ``precision.frozen``: a Qwen2.5-Omni checkpoint (released or transformers
+    layouts) or Omni-Embed-Nemotron's (bidirectional: ``ThinkerConfig.from_hf_dict`` reads its
+    model_type). The backbone of the "nemotron" configs: no WAVE head is expected, and a WAVE
+    checkpoint's heads are skipped. ``configure`` adjusts the config read from config.json."""
     cfg = ThinkerConfig.from_pretrained(path, precision=precision)
+    if configure is not None:
+        cfg = configure(cfg)
     source = TensorSource(path, allow_pickle=allow_pickle)
-    layout = layout or detect_layout(source.keys())
+    layout = layout or detect_layout(source.keys(), _model_type(path))
     # A WAVE checkpoint holds a thinker too; its extra modules are skipped (and counted).
     wave = tuple(LAYOUTS[layout][m] + "." for m in WAVE_MODULES)
-    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout, extra_ignored=wave,
-                       mesh=mesh, progress=progress)
+    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0), remat=remat), source, layout=layout,
+                       extra_ignored=wave, mesh=mesh, progress=progress)
 
 
 def load_beats(cfg: BEATsConfig, weights: Mapping[str, np.ndarray], *, prefix: str = "",
