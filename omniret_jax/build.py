@@ -130,7 +130,7 @@ def check_backbone(c) -> None:
     try:
         check_embedder(BACKBONES[name], embed_config(c))
     except ValueError as e:
-        raise ValueError(f"config.model.backbone={name!r}: {e} (config.embed.*)") from None
+        raise ValueError(f"config.model.backbone={name!r}: {str(e).replace('EmbedConfig.', 'config.embed.')}") from None
     if name != "wave":
         set_wave = [k for k in ("beats_checkpoint", "init_missing_heads") if c.model.get(k)]
         if set_wave:
