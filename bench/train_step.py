@@ -39,6 +39,7 @@ one JSON object (also written to ``--json``).
 COMMAND: python bench/train_step.py --config configs/bench.py:tiny
 COMMAND: python bench/train_step.py --config configs/omniretriever_7b.py --config.model.init=random --abstract
 COMMAND: python bench/train_step.py --config configs/omniretriever_7b.py --config.model.init=random --batch 8
+COMMAND: python bench/train_step.py --config configs/nemotron_3b.py --config.model.init=random --abstract
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def run(c) -> dict:
 
     n_params = sum(groups.values())
     whisper = groups["conv1"] + groups["conv2"] + groups["whisper"] + groups["whisper_out"]
-    print(f"WAVE, preset {c.loss.preset} ({' + '.join(lcfg.terms)}, {lcfg.recipe} recipe), "
+    print(f"{build.backbone(c)} backbone, preset {c.loss.preset} ({' + '.join(lcfg.terms)}, {lcfg.recipe} recipe), "
           f"global batch {b} on {n_dev} x {dev.device_kind} mesh {dict(mesh.shape)}, remat {c.model.remat}")
     print(f"params: {_si(n_params)} total; LLM decoder N = {_si(groups['llm'])}, LoRA {_si(groups['lora'])}, "
           f"fusion head {_si(groups['head'])}, vision {_si(groups['vision'] + groups['merger'])}, whisper "

@@ -1,12 +1,27 @@
-"""Fields shared by every config; each config file overrides what differs."""
+"""Fields shared by every config; each config file overrides what differs.
+
+``base_config`` is the WAVE backbone (OmniRetriever); ``nemotron(c)`` switches a config to the
+Omni-Embed-Nemotron backbone (the cross-backbone row, paper Appendix L).
+"""
 
 import ml_collections
+
+from omniret_jax.model.lora import DEFAULT_TARGET, DEFAULT_TRAINABLE_EXTRA
+
+# LoRA on q/k/v/o of every LLM decoder layer (Appendix L: "LoRA on q/k/v/o"), nothing else.
+QKVO_TARGET = r"(?:^|\.)language_model\.layers\.\d+\.self_attn\.[qkvo]_proj$"
+# Qwen2.5-Omni's default system turn, which its chat template inserts when a conversation has none
+# (the model card's usage passes a single user message). Not read from the Nemotron repository's
+# own template: unverified there.
+QWEN_SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
 def base_config(preset: str = "full") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
-        init="checkpoint",          # "checkpoint" (load_wave) or "random" (uses model.tiny)
+        backbone="wave",            # "wave" (thinker + BEATs + fusion head) | "nemotron" (the plain thinker)
+        init="checkpoint",          # "checkpoint" (load_wave / load_thinker) or "random" (uses model.tiny)
+        size="7b",                  # random init without model.tiny: the real shapes of "7b" | "3b"
         checkpoint="",              # WAVE-7B or Qwen2.5-Omni-7B directory (config.json + safetensors)
         beats_checkpoint="",        # unilm BEATs .pt when the checkpoint has no beats.* tensors
         init_missing_heads=False,   # True when starting from a plain Qwen2.5-Omni thinker
@@ -16,6 +31,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         precision=ml_collections.ConfigDict(dict(compute="float32", trainable="float32", frozen="float32")),
         remat="none",               # per decoder layer: "none" | "full" (recompute) | "dots" (keep matmuls)
         attention="xla",            # LLM attention kernel: "xla" (any platform) | "cudnn" (GPU flash attention)
+        causal=True,                # False: bidirectional self-attention (padding-only mask)
         seed=0,
     ))
     c.data = ml_collections.ConfigDict(dict(
@@ -35,17 +51,21 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         # A record that fails to load is replaced by random records drawn from (seed, slot).
         max_replacements=64,
     ))
+    # The token layout and pooling of the seven paths (omniret_jax.config.EmbedConfig): WAVE's.
     c.embed = ml_collections.ConfigDict(dict(
         text_len=128, length_multiple=8, pack=(), text_fusion_head=False, audio_in_video=False,
         video_prompt="Please describe the video.", audio_prompt="Please describe the audio.",
         av_prompt="Please describe the video and the audio.",
+        turn_start="", turn_end="<|im_end|>", text_first=False, query_prefix="", passage_prefix="",
+        pooling="fusion", audio_branch="whisper_beats",
     ))
     c.loss = ml_collections.ConfigDict(dict(
         preset=preset, recipe="paper", l_A=1.0, l_D=1.0, l_T=1.0, temperature=0.01,
         tuple_similarity="joint", hard_negative_pool="",
         rotation="",                # "" = the recipe's: "update" (paper) or "micro_batch" (released)
     ))
-    c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.05))
+    c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.05, target=DEFAULT_TARGET,
+                                            trainable_extra=DEFAULT_TRAINABLE_EXTRA))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-5, warmup_ratio=0.03, weight_decay=0.01, clip_norm=1.0,
         accumulate=1,               # micro-batches per update; train.steps counts updates
@@ -58,4 +78,33 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         steps=1000, batch_size=8, seed=0, log_every=10, ckpt_every=500, keep=3, max_nonfinite=10,
     ))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    return c
+
+
+def nemotron(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Switch ``c`` to the Omni-Embed-Nemotron backbone, in place; returns ``c``.
+
+    From its modeling file and model-card usage: the plain Qwen2.5-Omni thinker with every
+    decoder layer bidirectional (padding-only mask), no fusion head and no BEATs branch; the
+    embedding is the masked mean of the final-norm hidden states over every real token (template
+    included), L2-normalised; one user turn of the chat template, ``<|im_end|>\\n`` closing it and
+    no generation prompt; the text item first, then the video, then the audio, as separate
+    streams (no audio-in-video); prefixes "query: " / "passage: " (its sentence-transformers
+    prompts, quoted by third parties). The T path is embedded as a query and every path with
+    media as a passage (the card's text-to-media use; each path's vector serves both sides of the
+    12 directions). Assumed: Qwen's default system turn (``QWEN_SYSTEM_TURN``) and no instruction
+    prompt on the media-only paths. LoRA on q/k/v/o of every decoder layer, nothing else trained
+    (Appendix L).
+    """
+    c.model.backbone = "nemotron"
+    c.model.causal = False
+    c.model.init_missing_heads = False
+    c.model.beats_checkpoint = ""
+    c.embed.update(dict(
+        pooling="mean", audio_branch="whisper", text_fusion_head=False, audio_in_video=False,
+        turn_start=QWEN_SYSTEM_TURN + "<|im_start|>user\n", turn_end="<|im_end|>\n", text_first=True,
+        query_prefix="query: ", passage_prefix="passage: ", video_prompt="", audio_prompt="", av_prompt="",
+    ))
+    c.lora.target = QKVO_TARGET
+    c.lora.trainable_extra = ()
     return c

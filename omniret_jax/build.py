@@ -3,8 +3,12 @@
 Train, eval, bench, the notebooks and the tests all build models here:
 
 - ``load_config("configs/tiny.py:distill", {"train.steps": 5})``: a config file as the CLIs read it;
-- ``build_model(c)``: random init (``model.init = "random"``: the widths of ``model.tiny``, or the
-  real 7B shapes when the config has no ``model.tiny``) or a WAVE / Qwen2.5-Omni checkpoint;
+- ``build_model(c)``: the backbone of ``model.backbone``, "wave" (thinker + BEATs + fusion head and
+  BEATs adaptor) or "nemotron" (the plain thinker: bidirectional by ``model.causal``, no BEATs, no
+  heads), from random init (``model.init = "random"``: the widths of ``model.tiny``, or the real
+  shapes of ``model.size`` when the config has no ``model.tiny``) or from a checkpoint (WAVE /
+  Qwen2.5-Omni / Omni-Embed-Nemotron); ``check_backbone(c)`` rejects a WAVE-only option on the
+  other backbone before anything is built;
 - ``build_state(c, mesh)``: that model with fresh LoRA, split into trainable and frozen state,
   each in its dtype of the precision policy and placed in its sharding. Random weights are
   created inside one jit with the shardings as outputs and checkpoint tensors are placed as
@@ -35,14 +39,18 @@ from jax.sharding import Mesh
 from omniret_jax import sharding
 from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
 from omniret_jax.config import (AudioConfig, BEATsConfig, EmbedConfig, Precision, TextConfig, ThinkerConfig,
-                                VisionConfig)
+                                VisionConfig, thinker_of_size)
 from omniret_jax.data.tokens import TINY_IDS, Tokens, byte_tokens
 from omniret_jax.losses import LossConfig
-from omniret_jax.model.lora import LoRAConfig, apply_lora, trainable_filter
+from omniret_jax.model.embedder import check_backbone as check_embedder
+from omniret_jax.model.lora import DEFAULT_TARGET, DEFAULT_TRAINABLE_EXTRA, LoRAConfig, apply_lora, trainable_filter
+from omniret_jax.model.thinker import Thinker
 from omniret_jax.model.wave import WAVE
 
-# The 7B shapes' tokenizer stand-in (no download): byte tokens under the real special ids.
-QWEN_IM_END, QWEN_PAD = 151645, 151643
+# The real shapes' tokenizer stand-in (no download): byte tokens under the real special ids.
+QWEN_IM_END, QWEN_PAD, QWEN_IM_START = 151645, 151643, 151644
+# model.backbone -> the model class: WAVE, or the plain thinker (Omni-Embed-Nemotron).
+BACKBONES = {"wave": WAVE, "nemotron": Thinker}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -90,7 +98,9 @@ def precision(c) -> Precision:
 
 
 def lora_config(c) -> LoRAConfig:
-    return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout)
+    return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                      target=c.lora.get("target", DEFAULT_TARGET),
+                      trainable_extra=tuple(c.lora.get("trainable_extra", DEFAULT_TRAINABLE_EXTRA)))
 
 
 def loss_config(c) -> LossConfig:
@@ -104,19 +114,47 @@ def embed_config(c) -> EmbedConfig:
     return EmbedConfig(**c.embed.to_dict())
 
 
+def backbone(c) -> str:
+    """``model.backbone`` ("wave" unless set), checked."""
+    name = c.model.get("backbone", "wave")
+    if name not in BACKBONES:
+        raise ValueError(f"config.model.backbone={name!r}: expected one of {sorted(BACKBONES)}")
+    return name
+
+
+def check_backbone(c) -> None:
+    """Start-up validation of the backbone against the embedding and model options: a WAVE-only
+    option (fusion head, BEATs branch, BEATs weights, head init) on a backbone without those
+    modules is a ValueError naming the option."""
+    name = backbone(c)
+    try:
+        check_embedder(BACKBONES[name], embed_config(c))
+    except ValueError as e:
+        raise ValueError(f"config.model.backbone={name!r}: {str(e).replace('EmbedConfig.', 'config.embed.')}") from None
+    if name != "wave":
+        set_wave = [k for k in ("beats_checkpoint", "init_missing_heads") if c.model.get(k)]
+        if set_wave:
+            raise ValueError(f"config.model.backbone={name!r} has no BEATs branch and no WAVE heads, but "
+                             + ", ".join(f"config.model.{k}={c.model[k]!r}" for k in set_wave) + " is set")
+
+
 def with_attention(cfg: ThinkerConfig, c) -> ThinkerConfig:
-    """The LLM's attention kernel from ``model.attention`` (xla | cudnn)."""
+    """The LLM's attention from the config: its kernel ``model.attention`` (xla | cudnn) and its
+    mask ``model.causal`` (False: bidirectional, padding-only)."""
     impl = c.model.get("attention", "xla") or "xla"
     if impl not in ("xla", "cudnn"):
         raise ValueError(f"config.model.attention={impl!r}: expected 'xla' or 'cudnn'")
-    return cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=None if impl == "xla" else impl))
+    causal = bool(c.model.get("causal", cfg.text.causal))
+    return cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=None if impl == "xla" else impl,
+                                                causal=causal))
 
 
 def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
-    """Model configs of a random-init model: ``model.tiny``'s widths, or the 7B defaults without it."""
+    """Model configs of a random-init model: ``model.tiny``'s widths, or without it the published
+    shapes of ``model.size`` (7b | 3b)."""
     prec = precision(c)
     if "tiny" not in c.model:
-        return with_attention(ThinkerConfig(precision=prec), c), BEATsConfig()
+        return with_attention(thinker_of_size(c.model.get("size", "7b"), precision=prec), c), BEATsConfig()
     t = c.model.tiny
     cfg = ThinkerConfig(
         text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
@@ -142,7 +180,7 @@ def tokens_for(c) -> Tokens:
     if c.model.init == "random":
         if "tiny" in c.model:
             return byte_tokens()
-        return Tokens(encode=lambda s: [b + 1 for b in s.encode()], im_end_id=QWEN_IM_END, pad_id=QWEN_PAD)
+        return byte_tokens(QWEN_IM_END, QWEN_PAD, QWEN_IM_START)
     return Tokens.from_pretrained(c.model.tokenizer or c.model.checkpoint)
 
 
@@ -152,25 +190,36 @@ def _check_init(c) -> None:
     if c.model.init not in ("random", "checkpoint"):
         raise ValueError(f"config.model.init={c.model.init!r}: expected 'checkpoint' or 'random'")
     if c.model.init == "checkpoint" and not c.model.checkpoint:
-        raise ValueError("config.model.checkpoint is empty: point it at a WAVE-7B (or Qwen2.5-Omni) directory")
+        raise ValueError("config.model.checkpoint is empty: point it at a WAVE-7B, Qwen2.5-Omni or "
+                         "Omni-Embed-Nemotron directory")
+    check_backbone(c)
 
 
-def random_model(c) -> WAVE:
-    """The config's random-init WAVE (parameters in the precision policy's dtypes)."""
+def random_model(c) -> Thinker:
+    """The config's random-init backbone (parameters in the precision policy's dtypes)."""
+    check_backbone(c)
     cfg, beats = _random_configs(c)
-    return WAVE(cfg, beats, rngs=nnx.Rngs(params=c.model.seed), remat=c.model.remat)
+    rngs = nnx.Rngs(params=c.model.seed)
+    if backbone(c) == "wave":
+        return WAVE(cfg, beats, rngs=rngs, remat=c.model.remat)
+    return Thinker(cfg, rngs=rngs, remat=c.model.remat)
 
 
-def build_model(c, *, mesh: Mesh | None = None) -> tuple[WAVE, Tokens]:
+def build_model(c, *, mesh: Mesh | None = None) -> tuple[Thinker, Tokens]:
     """The config's model without adapters (random init, or loaded into ``mesh``'s shardings)."""
     _check_init(c)
     if c.model.init == "random":
         return random_model(c), tokens_for(c)
-    from omniret_jax.convert.to_flax import load_wave
+    from omniret_jax.convert.to_flax import load_thinker, load_wave
 
-    model, _ = load_wave(c.model.checkpoint, beats_checkpoint=c.model.beats_checkpoint or None,
-                         precision=precision(c), init_missing_heads=c.model.init_missing_heads, seed=c.model.seed,
-                         mesh=mesh, remat=c.model.remat, configure=lambda cfg: with_attention(cfg, c))
+    configure = lambda cfg: with_attention(cfg, c)  # noqa: E731
+    if backbone(c) == "wave":
+        model, _ = load_wave(c.model.checkpoint, beats_checkpoint=c.model.beats_checkpoint or None,
+                             precision=precision(c), init_missing_heads=c.model.init_missing_heads,
+                             seed=c.model.seed, mesh=mesh, remat=c.model.remat, configure=configure)
+    else:
+        model, _ = load_thinker(c.model.checkpoint, precision=precision(c), mesh=mesh, remat=c.model.remat,
+                                configure=configure)
     return model, tokens_for(c)
 
 
@@ -184,8 +233,8 @@ def attach_lora(model: nnx.Module, c, *, train: bool) -> nnx.Module:
 
 @dataclasses.dataclass
 class ModelState:
-    """A model split once for jit: ``trainable`` (LoRA + heads) and ``frozen`` (everything else,
-    RNG state included), each placed in its sharding."""
+    """A model split once for jit: ``trainable`` (LoRA, plus WAVE's heads on that backbone) and
+    ``frozen`` (everything else, RNG state included), each placed in its sharding."""
     graphdef: Any
     trainable: Any
     frozen: Any

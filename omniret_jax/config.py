@@ -11,7 +11,8 @@
   two apart wherever a rule differs; ``backbone_config`` picks the class from ``model_type``.
 - ``MediaPolicy``: which media a host layout accepts (checked before anything reaches jit).
 - ``BEATsConfig`` (WAVE's second audio encoder) and ``EmbedConfig`` (how the seven
-  embedding paths are laid out: lengths, prompts, pooling switches).
+  embedding paths are laid out and pooled: lengths, turn template, prefixes, prompts, pooling,
+  audio branch). WAVE and Omni-Embed-Nemotron are two ``EmbedConfig`` settings of one embedder.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Precision:
     def from_names(cls, compute: str = "float32", trainable: str = "float32", frozen: str = "float32"
                    ) -> "Precision":
         return cls(dtype_from_name(compute), dtype_from_name(trainable), dtype_from_name(frozen))
+
+
+# config.json ``model_type`` of nvidia/omni-embed-nemotron-3b (its ``NVOmniEmbedConfig``, a thinker config).
+NEMOTRON_MODEL_TYPE = "nvomniembed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +159,9 @@ class ThinkerConfig(_Backbone):
             max_source_positions=a.get("max_source_positions", 1500), n_window=a.get("n_window", 100),
             output_dim=a.get("output_dim", t["hidden_size"]),
         )
+        if d.get("model_type") == NEMOTRON_MODEL_TYPE:
+            # Omni-Embed-Nemotron's modeling file makes every decoder layer non-causal.
+            text = dataclasses.replace(text, causal=False)
         return cls(
             text=text, vision=_vision_from_hf(v, t["hidden_size"]), audio=audio,
             audio_token_id=d.get("audio_token_index", d.get("audio_token_id", 151646)),
@@ -265,6 +273,29 @@ def _vision_from_hf(v: Mapping, text_hidden: int) -> VisionConfig:
     )
 
 
+THINKER_SIZES = ("7b", "3b")
+
+
+def thinker_of_size(size: str, *, precision: Precision = Precision()) -> ThinkerConfig:
+    """The published shapes of a Qwen2.5-Omni thinker, for random init without a checkpoint.
+
+    "7b": the dataclass defaults (WAVE-7B's base). "3b": Omni-Embed-Nemotron-3B's base, text
+    hidden 2048, 36 layers, 16 heads / 2 KV heads, intermediate 11008, vocab 151936 (spec
+    architecture.md section 1); the ViT and the Whisper tower keep the 7B widths and project to
+    2048 (as a Qwen2.5-Omni-3B thinker config.json has them).
+    """
+    if size not in THINKER_SIZES:
+        raise ValueError(f"thinker size {size!r}: expected one of {THINKER_SIZES}")
+    cfg = ThinkerConfig(precision=precision)
+    if size == "3b":
+        cfg = cfg.replace(
+            text=dataclasses.replace(cfg.text, vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                     num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
+            vision=dataclasses.replace(cfg.vision, out_hidden_size=2048),
+            audio=dataclasses.replace(cfg.audio, output_dim=2048))
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class BEATsConfig:
     """Field names follow the unilm ``BEATsConfig``; defaults are BEATs iter3+."""
@@ -363,20 +394,50 @@ def check_paths(paths: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(paths))
 
 
+# How a path's sequence becomes one vector (EmbedConfig.pooling):
+#   "fusion": WAVE. The last token of every layer through the all-layer fusion head on the media
+#             paths; the text path takes the last token's final-norm state (or the head too, with
+#             text_fusion_head).
+#   "last":   the last real token's final-norm state on every path.
+#   "mean":   Omni-Embed-Nemotron. The mean of the final-norm states over the sequence's real tokens.
+POOLINGS = ("fusion", "last", "mean")
+# The audio branch (EmbedConfig.audio_branch): Whisper alone, or Whisper + BEATs interleaved into
+# two placeholders per Whisper token (WAVE).
+AUDIO_BRANCHES = ("whisper", "whisper_beats")
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    """How the embedding paths are laid out. Row lengths follow from the media shapes and
-    ``text_len`` (``data.batch.path_length``). ``pack`` lists passes whose sequences are short
-    next to their padded length as (path, sequences per row[, row length]): e.g. ("T", 2, 128)
-    puts two captions in each row of 128 tokens, half the rows; a batch whose sequences do not
-    fit runs that pass unpacked (a second program). The row length defaults to per_row times
-    the path's length: never overflows, saves nothing, exercises the layout."""
-    text_len: int = 64            # padded length of the text path; captions get text_len - 1 tokens
+    """How the embedding paths are laid out and pooled.
+
+    Every path is one turn: ``turn_start``, the content, ``turn_end``. The content is the media
+    blocks (video, then audio) and the text: the path's prefix (``query_prefix`` on the text path,
+    ``passage_prefix`` on every path with media) followed by the caption, or on V / A / AV by their
+    fixed prompt; the text comes after the media, or before it with ``text_first``. Template
+    strings may hold ``<|im_start|>`` / ``<|im_end|>``, which become their special tokens
+    (``data.tokens.Tokens.encode_text``). The defaults are WAVE's layout (architecture.md
+    section 3: ``[media][PROMPT]<|im_end|>``, the text path ``caption<|im_end|>``);
+    ``configs/common.nemotron`` sets Omni-Embed-Nemotron's.
+
+    Row lengths follow from the media shapes, the fixed tokens of the template and ``text_len``
+    (``data.batch.path_length``). ``pack`` lists passes whose sequences are short next to their
+    padded length as (path, sequences per row[, row length]): e.g. ("T", 2, 128) puts two
+    captions in each row of 128 tokens, half the rows; a batch whose sequences do not fit runs
+    that pass unpacked (a second program). The row length defaults to per_row times the path's
+    length: never overflows, saves nothing, exercises the layout."""
+    text_len: int = 64            # caption budget + 1: captions get text_len - 1 tokens (WAVE's text rows: text_len)
     length_multiple: int = 8      # every path's row length is rounded up to this
     pack: tuple[tuple, ...] = ()
     video_prompt: str = "Please describe the video."
     audio_prompt: str = "Please describe the audio."
     av_prompt: str = "Please describe the video and the audio."
+    turn_start: str = ""
+    turn_end: str = "<|im_end|>"
+    text_first: bool = False
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    pooling: str = "fusion"
+    audio_branch: str = "whisper_beats"
     text_fusion_head: bool = False
     audio_in_video: bool = False  # interleave a clip's audio into its video block (processor's use_audio_in_video)
 
@@ -389,7 +450,19 @@ class EmbedConfig:
         if self.text_len < 2 or self.length_multiple < 1:
             raise ValueError(f"EmbedConfig: text_len={self.text_len} must be >= 2 and "
                              f"length_multiple={self.length_multiple} >= 1")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"EmbedConfig.pooling={self.pooling!r}: expected one of {POOLINGS}")
+        if self.audio_branch not in AUDIO_BRANCHES:
+            raise ValueError(f"EmbedConfig.audio_branch={self.audio_branch!r}: expected one of {AUDIO_BRANCHES}")
+        if self.text_fusion_head and self.pooling != "fusion":
+            raise ValueError(f"EmbedConfig.text_fusion_head=True sends the text path through WAVE's fusion head, "
+                             f"but pooling={self.pooling!r} uses no head (set pooling='fusion' or drop it)")
         object.__setattr__(self, "pack", pack)
+
+    @property
+    def doubled_audio(self) -> bool:
+        """Two audio placeholders per Whisper token (Whisper and BEATs features interleaved)."""
+        return self.audio_branch == "whisper_beats"
 
     def packing(self, path: str) -> tuple[int, int | None]:
         """(sequences per row, row length or None for the default) of ``path``; (1, None) = unpacked."""

@@ -80,7 +80,7 @@ class PathInputs:
     position_ids: Int[Arr, "r 3 s"]    # M-RoPE (t, h, w) positions
     source: Int[Arr, "r s"]            # TEXT / IMAGE / VIDEO / AUDIO
     index: Int[Arr, "r s"]             # row of the flattened tower output a media token takes
-    pool_index: Int[Arr, "b"]          # each sequence's pooled (last real) token, flat into R * S
+    pool_index: Int[Arr, "b"]          # each sequence's last real token, flat into R * S (mean pools find it from there)
 
 
 @_pytree

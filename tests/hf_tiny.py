@@ -15,7 +15,7 @@ from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditi
 # Token ids of the tiny vocabulary (300 entries); the real ones live in ThinkerConfig.
 AUDIO_ID, IMAGE_ID, VIDEO_ID = 290, 291, 292
 AUDIO_BOS, AUDIO_EOS, VISION_BOS, VISION_EOS = 293, 294, 295, 296
-IM_END = 297
+IM_END, IM_START = 297, 298
 
 
 def tiny_hf_config(*, vision_act: str = "silu") -> Qwen2_5OmniThinkerConfig:
@@ -106,3 +106,21 @@ def load_torch_weights(module, torch_module: torch.nn.Module) -> None:
         assert value.shape == tuple(var.get_value().shape), (key, value.shape, var.get_value().shape)
         var.set_value(jnp.asarray(value, var.get_value().dtype))
     nnx.update(module, state)
+
+
+def make_bidirectional(model: Qwen2_5OmniThinkerForConditionalGeneration) -> Qwen2_5OmniThinkerForConditionalGeneration:
+    """Omni-Embed-Nemotron's change to the thinker, in place: every decoder layer non-causal. In
+    transformers 5 that alone is not enough (its mask builder stays causal whenever the batch
+    has padding): call it with ``bidirectional_mask`` and explicit position ids."""
+    for layer in model.model.language_model.layers:
+        layer.self_attn.is_causal = False
+    return model
+
+
+def bidirectional_mask(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The published model's 4-D padding-only mask [B, 1, S, S] from a 2-D one: additive, 0 where
+    the key is real and the dtype's minimum where it is padding (a boolean 4-D mask would be
+    added as 0/1 by eager attention)."""
+    b, s = attention_mask.shape
+    keep = attention_mask[:, None, None, :].bool().expand(b, 1, s, s)
+    return torch.zeros(b, 1, s, s, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)

@@ -147,6 +147,19 @@ def make_batch(rng) -> tuple[dict, list[dict]]:
     return batch, samples
 
 
+def path_errors(ours: dict, reference, samples: list[dict], label: str = "float32") -> dict[str, float]:
+    """Max abs error per path of our batch's unit-norm float32 embeddings against
+    ``reference(path, sample)``, each sample run alone."""
+    errors = {}
+    for p in PATHS:
+        want = np.stack([reference(p, s) for s in samples])
+        got = np.asarray(ours[p])
+        assert got.dtype == np.float32 and np.allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
+        errors[p] = float(np.abs(got - want).max())
+    print(f"\nmax abs error per path ({label}): " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+    return errors
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     ref = TorchWave(seed=11)
@@ -164,14 +177,7 @@ def test_seven_paths_match_reference(setup):
     model, report = load_wave(path, progress=False)
     batch, samples = make_batch(np.random.default_rng(0))
     inputs = prepare(batch, PATHS, model.cfg, TOKENS, ECFG)
-    ours = embed(model, inputs, ECFG)
-    errors = {}
-    for p in PATHS:
-        want = np.stack([ref.embed(p, s) for s in samples])
-        got = np.asarray(ours[p])
-        assert got.dtype == np.float32 and np.allclose(np.linalg.norm(got, axis=-1), 1, atol=1e-5)
-        errors[p] = float(np.abs(got - want).max())
-    print("\nmax abs error per path (float32): " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
+    errors = path_errors(embed(model, inputs, ECFG), ref.embed, samples)
     assert max(errors.values()) <= TOL, errors
 
 

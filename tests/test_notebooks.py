@@ -44,15 +44,21 @@ def test_quickstart(tmp_path):
 
 
 def test_ablations(tmp_path):
-    nb = _execute("ablations.ipynb", tmp_path, timeout=1200)
+    # Two backbones: WAVE's five runs and Nemotron's four (~1.5x the WAVE-only notebook).
+    nb = _execute("ablations.ipynb", tmp_path, timeout=1800)
     text = _text(nb)
-    runs = ("frozen", "pairwise", "distill", "full", "full, l_D=2 l_T=0.5")
+    presets = ("frozen", "pairwise", "distill", "full")
+    runs = [f"{b} {p}" for b in ("WAVE", "Nemotron") for p in presets] + ["WAVE full, l_D=2 l_T=0.5"]
     for run in runs:
         assert f"| {run} |" in text, run
+    for preset in presets:  # the side-by-side stair-step
+        assert f"| {preset} |" in text, preset
     evals = sorted((tmp_path / "ablations" / "runs").glob("*/eval/results.json"))
     assert len(evals) == len(runs)
     for path in evals:
         res = json.loads(path.read_text())
         assert list(res["directions"]) == list(retrieval.DIRECTIONS) and set(res["averages"]) == set(retrieval.AVERAGES)
         assert res["step"] in (None, 20), path
+    nemotron = json.loads((tmp_path / "ablations" / "runs" / "Nemotron_full" / "eval" / "results.json").read_text())
+    assert nemotron["dim"] == 64 and nemotron["step"] == 20
     print("\n".join(line for line in text.splitlines() if line.startswith("| ") or "(1, 1, 1)" in line))

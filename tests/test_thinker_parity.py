@@ -17,8 +17,9 @@ import torch
 from omniret_jax.convert.to_flax import load_thinker
 from omniret_jax.data.layout import Audio, Image, Video, audio_output_lengths, batch_media, expand_turn, pad_batch, rope_index
 from omniret_jax.inputs import AUDIO, IMAGE, VIDEO
-from tests.hf_tiny import IM_END, tiny_hf_thinker
-from tests.parity import compare, flax_forward, vision_inputs, vision_items
+from omniret_jax.model.embedder import l2_normalize, mean_pool
+from tests.hf_tiny import IM_END, bidirectional_mask, tiny_hf_thinker
+from tests.parity import TOL, compare, flax_forward, vision_inputs, vision_items
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,12 @@ def _row(rng, media, n_prompt, cfg):
     return expand_turn(media, prompt, cfg)
 
 
-def _run(models, rows, rng, side="left"):
-    """rows: list of (media items, prompt length). Returns the measured errors."""
+def _run(models, rows, rng, side="left", *, bidirectional=False):
+    """rows: list of (media items, prompt length). Returns the measured errors.
+
+    ``bidirectional``: both models are (tests/hf_tiny.make_bidirectional, TextConfig.causal
+    False); the reference gets the 4-D padding-only mask and explicit position ids, and the
+    masked mean of the last hidden state (the Nemotron embedding) is compared too."""
     hf, fx = models
     cfg = fx.cfg
     layouts = [_row(rng, media, n, cfg) for media, n in rows]
@@ -70,10 +75,13 @@ def _run(models, rows, rng, side="left"):
             fmask[i, : m.shape[1]] = 1
         kw.update(input_features=torch.tensor(feats), feature_attention_mask=torch.tensor(fmask))
     with torch.no_grad():
-        ref = hf(**kw)
         ref_pos, _ = hf.model.get_rope_index(
             kw["input_ids"], kw.get("image_grid_thw"), kw.get("video_grid_thw"), kw["attention_mask"],
             meta["use_audio_in_video"], torch.tensor(mel_lens) if mels else None, kw.get("video_second_per_grid"))
+        if bidirectional:
+            ref = hf(**dict(kw, attention_mask=bidirectional_mask(kw["attention_mask"]), position_ids=ref_pos))
+        else:
+            ref = hf(**kw)
 
     # --- ours: position ids on the host, towers over one row per item, gather-merge
     pos, _ = rope_index(batch.input_ids, batch.attention_mask, cfg, **meta)
@@ -87,7 +95,18 @@ def _run(models, rows, rng, side="left"):
         n_valid[AUDIO] = audio_output_lengths(mel_lens)
         capacity[AUDIO] = t_max // 4
     states, logits = flax_forward(fx, batch, pos, vis_in, n_valid, capacity, aud_in)
-    return compare(ref, states, logits, batch.attention_mask, f"{side}-padded")
+    errors = compare(ref, states, logits, batch.attention_mask,
+                     f"{side}-padded{', bidirectional' if bidirectional else ''}")
+    if bidirectional:
+        real = batch.attention_mask.astype(bool)
+        mask = kw["attention_mask"][..., None]
+        want = torch.nn.functional.normalize((ref.hidden_states[-1] * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+        last = np.arange(len(real)) * real.shape[1] + batch.last_index
+        got = l2_normalize(mean_pool(states[-1], batch.attention_mask, last))
+        errors["mean_pool"] = float(np.abs(np.asarray(got) - want).max())
+        print(f"mean-pooled embedding: max abs error {errors['mean_pool']:.2e}")
+        assert errors["mean_pool"] <= TOL, errors
+    return errors
 
 
 def test_text_only(models):

@@ -72,7 +72,10 @@ def _source(layout: str, saved_dir, dst):
         return saved_dir
     sd = _read(saved_dir)  # thinker layout: model.*, visual.*, audio_tower.*, lm_head.*
     cfg = json.loads((saved_dir / "config.json").read_text())
-    if layout == "transformers5":
+    if layout == "nemotron":  # the thinker's keys under Omni-Embed-Nemotron's config
+        rename = {p: p for p in ("model.", "visual.", "audio_tower.", "lm_head.")}
+        cfg = dict(cfg, model_type="nvomniembed", architectures=["NVOmniEmbedModel"])
+    elif layout == "transformers5":
         rename = {"model.": "model.language_model.", "visual.": "model.visual.",
                   "audio_tower.": "model.audio_tower.", "lm_head.": "lm_head."}
     else:  # released
@@ -100,7 +103,7 @@ def _assert_same_files(src, out):
 
 
 def test_every_layout_has_a_source_builder():
-    assert sorted(THINKER_LAYOUTS) == ["released", "thinker", "transformers5"]
+    assert sorted(THINKER_LAYOUTS) == ["nemotron", "released", "thinker", "transformers5"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

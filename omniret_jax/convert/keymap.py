@@ -18,9 +18,20 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from omniret_jax.config import NEMOTRON_MODEL_TYPE
+
 # Layouts verified against transformers 5.23 (save_pretrained of the thinker
 # class writes "thinker"; its in-memory module tree is "transformers5") and the
 # released Qwen2.5-Omni index (thinker nested under "thinker.").
+#
+# "nemotron": nvidia/omni-embed-nemotron-3b. Its modeling file (modeling_nv_omni_embed.py) subclasses
+# the transformers-4.5x thinker (which holds model / visual / audio_tower / lm_head as attributes of
+# its own) and only swaps ``self.model`` for a bidirectional text model of the same module tree: no
+# extra module, no pooler. Verified: those module names, and that transformers 5.24's save_pretrained
+# of the thinker writes these prefixes. Inferred (no index.json of the repository was readable): the
+# checkpoint's keys carry no "thinker." prefix and include lm_head (the published 4.7 B parameter
+# count needs an untied lm_head). Its keys are the "thinker" layout's; config.json's model_type
+# "nvomniembed" tells it apart (``detect_layout``).
 LAYOUTS: dict[str, dict[str, str]] = {
     "released": {
         "language_model": "thinker.model",
@@ -38,6 +49,12 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "language_model": "model.language_model",
         "visual": "model.visual",
         "audio_tower": "model.audio_tower",
+        "lm_head": "lm_head",
+    },
+    "nemotron": {
+        "language_model": "model",
+        "visual": "visual",
+        "audio_tower": "audio_tower",
         "lm_head": "lm_head",
     },
 }
@@ -75,6 +92,7 @@ IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {
     "released": ("talker.", "token2wav."),
     "thinker": (),
     "transformers5": (),
+    "nemotron": (),
     "unilm_beats": (),
     "qwen2_5_vl": (),
     "qwen2_5_vl_transformers5": (),
@@ -145,8 +163,9 @@ def expected_hf_shape(path: Sequence, flax_shape: tuple[int, ...], layout: str |
     return tuple(shape)
 
 
-def detect_layout(keys: Iterable[str]) -> str:
-    """Pick the layout whose prefixes the checkpoint uses, or explain what was found."""
+def detect_layout(keys: Iterable[str], model_type: str | None = None) -> str:
+    """Pick the layout whose prefixes the checkpoint uses, or explain what was found;
+    ``model_type`` (config.json's) tells the Nemotron checkpoint from a plain thinker."""
     keys = list(keys)
     # A fused vision qkv marks Qwen2.5-VL (the Omni thinker's ViT has separate q/k/v).
     vl = any(k.endswith(".attn.qkv.weight") and "visual." in k for k in keys)
@@ -156,7 +175,9 @@ def detect_layout(keys: Iterable[str]) -> str:
     if any(k.startswith("model.language_model.") for k in keys):
         return "qwen2_5_vl_transformers5" if vl else "transformers5"
     if any(k.startswith("model.layers.") or k.startswith("model.embed_tokens.") for k in keys):
-        return "qwen2_5_vl" if vl else "thinker"
+        if vl:
+            return "qwen2_5_vl"
+        return "nemotron" if model_type == NEMOTRON_MODEL_TYPE else "thinker"
     sample = ", ".join(sorted(keys)[:5])
     raise ValueError(
         "cannot tell the checkpoint layout: no key starts with 'thinker.', 'model.language_model.' or "

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from omniret_jax import sharding
-from omniret_jax.config import BEATsConfig, Precision, ThinkerConfig, backbone_config, read_hf_config
+from omniret_jax.config import BackboneConfig, BEATsConfig, Precision, ThinkerConfig, backbone_config, read_hf_config
 from omniret_jax.convert.beats import canonical_state, load_unilm_checkpoint
 from omniret_jax.convert.keymap import (
     IGNORED_PREFIXES, LAYOUTS, THINKER_LAYOUTS, VL_LAYOUTS, WAVE_MODULES, detect_layout, expected_hf_shape,
@@ -126,13 +126,28 @@ def load_module(
 FAMILY_LAYOUTS = {"qwen2_5_omni": THINKER_LAYOUTS, "qwen2_5_vl": tuple(VL_LAYOUTS)}
 
 
+def _model_type(path) -> str | None:
+    cfg_file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    try:
+        return json.loads(cfg_file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def load_backbone(path, *, precision: Precision = Precision(), layout: str | None = None, mesh: Mesh | None = None,
-                  allow_pickle: bool = False, progress: bool = True) -> tuple[Thinker, LoadReport]:
-    """The backbone of a Hugging Face checkpoint directory (config.json + weights): a Qwen2.5-Omni
-    thinker, or a Qwen2.5-VL model when ``model_type`` says so; every weight in ``precision.frozen``."""
+                  allow_pickle: bool = False, remat: str = "none",
+                  configure: Callable[[BackboneConfig], BackboneConfig] | None = None,
+                  progress: bool = True) -> tuple[Thinker, LoadReport]:
+    """The backbone of a Hugging Face checkpoint directory (config.json + weights), every weight
+    in ``precision.frozen``: a Qwen2.5-Omni thinker (released or transformers layouts), or
+    Omni-Embed-Nemotron's (bidirectional: ``ThinkerConfig.from_hf_dict`` reads its model_type),
+    or a Qwen2.5-VL model when ``model_type`` says so. A WAVE checkpoint's heads are skipped
+    (no head is expected of a backbone). ``configure`` adjusts the config read from config.json."""
     cfg = backbone_config(read_hf_config(path), precision=precision)
+    if configure is not None:
+        cfg = configure(cfg)
     source = TensorSource(path, allow_pickle=allow_pickle)
-    layout = layout or detect_layout(source.keys())
+    layout = layout or detect_layout(source.keys(), _model_type(path))
     if layout not in FAMILY_LAYOUTS[cfg.family]:
         raise CheckpointError(f"{path}: config.json describes a {cfg.family} model but the weights are in the "
                               f"{layout!r} layout (expected one of {FAMILY_LAYOUTS[cfg.family]})")
@@ -140,8 +155,8 @@ def load_backbone(path, *, precision: Precision = Precision(), layout: str | Non
     ignored = tuple(LAYOUTS[layout][m] + "." for m in WAVE_MODULES if m in LAYOUTS[layout])
     if cfg.text.tie_word_embeddings:
         ignored += (LAYOUTS[layout]["lm_head"] + ".",)  # a tied head may be saved anyway; it is the embedding
-    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), source, layout=layout, extra_ignored=ignored,
-                       mesh=mesh, progress=progress)
+    return load_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0), remat=remat), source, layout=layout,
+                       extra_ignored=ignored, mesh=mesh, progress=progress)
 
 
 def load_thinker(path, **kw) -> tuple[Thinker, LoadReport]:

@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from omniret_jax.config import BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
-from omniret_jax.data.layout import Audio, Video, audio_output_lengths, batch_media, expand_turn, pad_batch, rope_index
+from omniret_jax.config import PATHS, BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
+from omniret_jax.data.layout import (Audio, Text, TurnLayout, Video, audio_output_lengths, batch_media, expand_turn,
+                                     pad_batch, rope_index)
 from omniret_jax.data.tokens import Tokens
 from omniret_jax.data.vision_layout import vision_layout
 from omniret_jax.inputs import AUDIO, IMAGE, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
@@ -73,23 +74,68 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
     return source, index
 
 
-def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], prompts: Mapping[str, int]) -> int:
+def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], fixed: Mapping[str, int]) -> int:
     """Padded length of a path's rows: the longest row the batch's fixed shapes allow, exactly.
 
     Media blocks take their tower capacity (video tokens of P patches, audio tokens of T mel
     frames, doubled for WAVE) plus their start/end tokens; text takes the caption budget
-    (``text_len - 1`` tokens) or the path's fixed prompt; one ``<|im_end|>``. Rounded up to
-    ``ecfg.length_multiple``. Nothing depends on the batch's content, so every batch of a run
-    has the same shapes and the step compiles once.
+    (``text_len - 1`` tokens) on the paths with T; ``fixed[path]`` counts the rest (turn template,
+    prefix, the fixed prompt of V / A / AV: ``fixed_ids``). Rounded up to
+    ``ecfg.length_multiple``. Nothing depends on the batch's content, so every batch of a run has
+    the same shapes and the step compiles once.
     """
-    n = 1  # <|im_end|>
+    n = fixed[path]
     if "V" in path:
         n += 2 + capacity[VIDEO]
     if "A" in path:
         n += 2 + capacity[AUDIO]
-    n += ecfg.text_len - 1 if "T" in path else prompts.get(path, 0)
+    if "T" in path:
+        n += ecfg.text_len - 1
     m = ecfg.length_multiple
     return -(-n // m) * m
+
+
+def prefix(path: str, ecfg: EmbedConfig) -> str:
+    """The text before a path's caption or prompt: the query prefix on T, the passage prefix on
+    every path with media."""
+    return ecfg.query_prefix if path == "T" else ecfg.passage_prefix
+
+
+def fixed_ids(ecfg: EmbedConfig, tokens: Tokens) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """(turn start, turn end, {path: the ids of its fixed text}): the prefix on the paths with T
+    (where it is encoded together with the caption, as a tokenizer sees the turn), prefix +
+    prompt on V / A / AV."""
+    prompts = {"V": ecfg.video_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}
+    text = {p: tokens.encode_text(prefix(p, ecfg) + ("" if "T" in p else prompts[p])) for p in PATHS}
+    return tokens.encode_text(ecfg.turn_start), tokens.encode_text(ecfg.turn_end), text
+
+
+def turn(media: list, text: list[int], start: list[int], end: list[int], ecfg: EmbedConfig,
+         cfg: BackboneConfig) -> TurnLayout:
+    """One path's sequence: ``start``, then the media blocks and ``text`` in the configured
+    order, then ``end``."""
+    if ecfg.text_first:
+        return expand_turn([Text(tuple(start + text)), *media], end, cfg, wave_doubled_audio=ecfg.doubled_audio)
+    return expand_turn([Text(tuple(start)), *media], text + end, cfg, wave_doubled_audio=ecfg.doubled_audio)
+
+
+def pooled_counts(p: PathInputs) -> np.ndarray:
+    """Real tokens of each sequence of a pass [B]: the tokens of its segment in its row (what a
+    mean pool averages); 0 when its pooled index points at padding."""
+    length = p.attention_mask.shape[1]
+    rows, cols = np.divmod(np.asarray(p.pool_index), length)
+    seg = np.asarray(p.attention_mask)[rows, cols]
+    return np.array([int((np.asarray(p.attention_mask)[r] == g).sum()) if g > 0 else 0 for r, g in zip(rows, seg)])
+
+
+def check_pooling(p: PathInputs, path: str, ecfg: EmbedConfig) -> None:
+    """Host-side guard of a mean-pooled pass: every sequence has real tokens to average."""
+    if ecfg.pooling != "mean":
+        return
+    empty = np.flatnonzero(pooled_counts(p) == 0)
+    if len(empty):
+        raise ValueError(f"EmbedConfig.pooling='mean' averages each sequence's real tokens, but sample(s) "
+                         f"{empty.tolist()} of the {path} path have none (an all-padding row)")
 
 
 def pack_rows(p: PathInputs, per_row: int, row_len: int, pad_id: int, *, first_row: int = 0) -> PathInputs:
@@ -153,37 +199,51 @@ def caption_lists(batch: dict, key: str = "caption", tokens: Tokens | None = Non
 
 
 def caption_token_budget(ecfg: EmbedConfig) -> int:
-    """Most caption tokens a row holds: ``text_len - 1`` (one ``<|im_end|>``). Every path's
-    length (``path_length``) reserves that budget next to the largest clip its towers take, so
-    a caption within it fits in any path, with any hard-negative clip."""
+    """Most caption tokens a row holds: ``text_len - 1``. Every path's length (``path_length``)
+    reserves that budget next to its fixed text and the largest clip its towers take, so a
+    caption within it fits in any path, with any hard-negative clip."""
     if ecfg.text_len < 2:
         raise ValueError(f"embed.text_len={ecfg.text_len} leaves no caption token (need >= 2)")
     return ecfg.text_len - 1
 
 
+def prefixed_caption(pre: str, pre_ids: list[int], ids: list[int], text: str | None, tokens: Tokens,
+                     budget: int) -> list[int]:
+    """A caption's ids behind its prefix: prefix and caption text encoded together, as a tokenizer
+    sees the turn (a BPE merges the prefix's trailing space into the first word), when the text is
+    here; else (a row of another process) the prefix's ids then the caption's. At most
+    ``len(pre_ids) + budget`` tokens."""
+    if not pre:
+        return list(ids)
+    if text is None:
+        return pre_ids + list(ids)[:budget]
+    return list(tokens.encode(pre + text))[:len(pre_ids) + budget]
+
+
 def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig,
-                 capacity: dict[int, int], *, row_offset: int, wave_doubled_audio: bool) -> dict[str, PathInputs]:
-    """PathInputs of each path from per-row metadata: ``captions`` (token id lists),
-    ``video_grid_thw`` [b, 3], ``video_second_per_grid`` [b], ``mel_len`` [b]."""
+                 capacity: dict[int, int], *, row_offset: int) -> dict[str, PathInputs]:
+    """PathInputs of each path from per-row metadata: ``captions`` (token id lists, within the
+    budget), ``caption_text`` (the strings, when this process has them), ``video_grid_thw``
+    [b, 3], ``video_second_per_grid`` [b], ``mel_len`` [b]."""
     b = len(next(v for v in meta.values() if v is not None))
     grids, spg, mel_len, captions = (meta.get(k) for k in ("video_grid_thw", "video_second_per_grid", "mel_len",
                                                            "captions"))
+    texts_in = meta.get("caption_text")
     n_valid = {}
     if grids is not None:
         unit = model_cfg.vision.spatial_merge_size ** 2
         n_valid[VIDEO] = [int(np.prod(g)) // unit for g in grids]
     if mel_len is not None:
         n_w = audio_output_lengths(np.asarray(mel_len))
-        n_valid[AUDIO] = list(2 * n_w) if wave_doubled_audio else list(n_w)
-    prompts = {p: len(tokens.encode(t)) for p, t in (("V", ecfg.video_prompt), ("A", ecfg.audio_prompt),
-                                                      ("AV", ecfg.av_prompt))}
+        n_valid[AUDIO] = list(2 * n_w) if ecfg.doubled_audio else list(n_w)
+    start, end, texts = fixed_ids(ecfg, tokens)
+    fixed = {p: len(start) + len(end) + len(texts[p]) for p in PATHS}
+    budget = caption_token_budget(ecfg)
     out = {}
     for path in paths:
         rows = []
+        pre = prefix(path, ecfg)
         for i in range(b):
-            if path == "T":
-                rows.append(expand_turn([], captions[i] + [tokens.im_end_id], model_cfg))
-                continue
             media = []
             if "V" in path:
                 media.append(Video(tuple(int(x) for x in grids[i]), float(spg[i]),
@@ -191,43 +251,46 @@ def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ec
             if "A" in path and not ("V" in path and ecfg.audio_in_video):
                 media.append(Audio(int(mel_len[i])))
             if "T" in path:
-                prompt = captions[i]
+                text = prefixed_caption(pre, texts[path], captions[i], None if texts_in is None else texts_in[i],
+                                        tokens, budget)
             else:
-                prompt = tokens.encode({"V": ecfg.video_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}[path])
-            rows.append(expand_turn(media, list(prompt) + [tokens.im_end_id], model_cfg,
-                                    wave_doubled_audio=wave_doubled_audio))
-        length = path_length(path, ecfg, capacity, prompts)
+                text = texts[path]
+            rows.append(turn(media, text, start, end, ecfg, model_cfg))
+        length = path_length(path, ecfg, capacity, fixed)
         padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
                            names=[f"sample {row_offset + i} ({path} path)" for i in range(b)])
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
         kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
         source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity, row_offset=row_offset)
-        unpacked = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source, index,
-                              (row_offset + np.arange(b, dtype=np.int32)) * length + padded.last_index)
+        local = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source, index,
+                           np.arange(b, dtype=np.int32) * length + padded.last_index)
+        check_pooling(local, path, ecfg)
+        unpacked = dataclasses.replace(local, pool_index=local.pool_index + np.int32(row_offset * length))
         per_row, row_len = ecfg.packing(path)
         out[path] = pack_rows(unpacked, per_row, row_len or per_row * length, tokens.pad_id, first_row=row_offset)
     return out
 
 
-def _capacity(batch: dict, model_cfg, wave_doubled_audio: bool) -> dict[int, int]:
+def _capacity(batch: dict, model_cfg, ecfg: EmbedConfig) -> dict[int, int]:
     cap = {}
     if "video_patches" in batch:
         cap[VIDEO] = np.shape(batch["video_patches"])[1] // model_cfg.vision.spatial_merge_size ** 2
     if "mel" in batch:
-        cap[AUDIO] = np.shape(batch["mel"])[-1] // 4 * (2 if wave_doubled_audio else 1)
+        cap[AUDIO] = np.shape(batch["mel"])[-1] // 4 * (2 if ecfg.doubled_audio else 1)
     return cap
 
 
 def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
-            wave_doubled_audio: bool = True, row_offset: int = 0) -> EmbedInputs:
+            row_offset: int = 0) -> EmbedInputs:
     """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
 
     ``batch`` holds (as produced by omniret_jax.data.pipeline): ``caption`` (list
-    of str) or ``caption_ids`` / ``caption_len``, ``video_patches`` [B, P, F],
+    of str) and/or ``caption_ids`` / ``caption_len``, ``video_patches`` [B, P, F],
     ``video_grid_thw`` [B, 3], ``video_second_per_grid`` [B], ``mel`` [B, n_mels, T],
     ``mel_len`` [B], ``fbank`` [B, T_b, 128], ``fbank_len`` [B]; only the modalities the
-    paths use are required. ``row_offset``: the global row of this batch's first row, when it
-    is one process's part of a global batch.
+    paths use are required (``fbank`` only with ``ecfg.audio_branch`` "whisper_beats"). The
+    token layout of every path follows ``ecfg`` (see ``EmbedConfig``). ``row_offset``: the
+    global row of this batch's first row, when it is one process's part of a global batch.
     """
     paths = check_paths(paths)
     need_v = any("V" in p for p in paths)
@@ -239,10 +302,12 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
             raise KeyError(f"paths {paths} need batch[{key!r}]")
     if need_t and "caption" not in batch and "caption_ids" not in batch:
         raise KeyError(f"paths {paths} need batch['caption'] or batch['caption_ids']")
-    if wave_doubled_audio and need_a and "fbank" not in batch:
-        raise KeyError("the WAVE audio path needs batch['fbank'] and batch['fbank_len'] for BEATs")
+    if ecfg.doubled_audio and need_a and "fbank" not in batch:
+        raise KeyError("the WAVE audio path (EmbedConfig.audio_branch='whisper_beats') needs batch['fbank'] and "
+                       "batch['fbank_len'] for BEATs")
     b = batch_rows(batch)
-    meta: dict = {"captions": caption_lists(batch, tokens=tokens) if need_t else None}
+    meta: dict = {"captions": caption_lists(batch, tokens=tokens) if need_t else None,
+                  "caption_text": list(batch["caption"]) if need_t and "caption" in batch else None}
 
     towers: dict = {}
     if need_v:
@@ -257,14 +322,14 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
         mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
         towers["mel"], towers["mel_lens"] = mel, mel_lens
         meta["mel_len"] = mel_lens
-        if wave_doubled_audio:
+        if ecfg.doubled_audio:
             fbank = np.asarray(batch["fbank"], np.float32)
             t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch
             lens = np.minimum(np.asarray(batch["fbank_len"]).reshape(b), t_b)
             towers["fbank"] = fbank[:, :t_b]
             towers["fbank_padding"] = np.arange(t_b)[None, :] >= lens[:, None]
-    layouts = _row_layouts(meta, paths, model_cfg, tokens, ecfg, _capacity(batch, model_cfg, wave_doubled_audio),
-                           row_offset=row_offset, wave_doubled_audio=wave_doubled_audio)
+    layouts = _row_layouts(meta, paths, model_cfg, tokens, ecfg, _capacity(batch, model_cfg, ecfg),
+                           row_offset=row_offset)
     return EmbedInputs(paths=layouts, **towers)
 
 
@@ -382,24 +447,30 @@ def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Token
         rows = negative_rows(step, n, seed, counter=counter)
         local = slice(row_offset, row_offset + b)
         t, v, a = (r[local] for r in rows)
-        if text_negative == "dataset" and hard_negative_slot(counter) == "text":
+        dataset = text_negative == "dataset" and hard_negative_slot(counter) == "text"
+        if dataset:
             captions = _lists(full["neg_caption_ids"][local], full["neg_caption_len"][local])
             rows[0] = np.arange(n)  # no batch row supplies the caption
         else:
             captions = _lists(full["caption_ids"][t], full["caption_len"][t])
-        swapped = {"captions": captions, "video_grid_thw": full["video_grid_thw"][v],
+        # The strings too where this process has them (one process): a prefix is encoded with them.
+        key, pick = ("neg_caption", range(b)) if dataset else ("caption", t)
+        texts = [batch[key][j] for j in pick] if gather is None and key in batch else None
+        swapped = {"captions": captions, "caption_text": texts, "video_grid_thw": full["video_grid_thw"][v],
                    "video_second_per_grid": full["video_second_per_grid"][v], "mel_len": full["mel_len"][a]}
-        out["neg"] = _row_layouts(swapped, ("TVA",), model_cfg, tokens, ecfg, _capacity(batch, model_cfg, True),
-                                  row_offset=row_offset, wave_doubled_audio=True)["TVA"]
+        out["neg"] = _row_layouts(swapped, ("TVA",), model_cfg, tokens, ecfg, _capacity(batch, model_cfg, ecfg),
+                                  row_offset=row_offset)["TVA"]
         out["neg_rows"] = rows.T[local].astype(np.int32)
         if neg_towers:
             media = {k: np.asarray(batch[k])[v] for k in ("video_patches", "video_grid_thw", "video_second_per_grid")}
-            media |= {k: np.asarray(batch[k])[a] for k in ("mel", "mel_len", "fbank", "fbank_len")}
+            media |= {k: np.asarray(batch[k])[a] for k in ("mel", "mel_len", "fbank", "fbank_len") if k in batch}
             ids = np.zeros((b, max(map(len, captions))), np.int32)
             for i, c in enumerate(captions):
                 ids[i, :len(c)] = c
-            out["neg_view"] = prepare(media | {"caption_ids": ids, "caption_len": np.asarray(list(map(len, captions)))},
-                                      ("TVA",), model_cfg, tokens, ecfg)
+            media |= {"caption_ids": ids, "caption_len": np.asarray(list(map(len, captions)))}
+            if texts is not None:
+                media["caption"] = texts
+            out["neg_view"] = prepare(media, ("TVA",), model_cfg, tokens, ecfg)
             out["neg"] = None
     return TrainInputs(**out)
 

@@ -222,10 +222,12 @@ def resolve_checkpoint(arg: str | os.PathLike) -> CheckpointRef:
 
 def model_dim(c) -> int:
     """Embedding width D of the config's model, without building it."""
-    if c.model.init == "random":
-        return int(c.model.tiny.hidden_size) if "tiny" in c.model else 3584
-    from omniret_jax.config import ThinkerConfig
+    from omniret_jax.config import ThinkerConfig, thinker_of_size
 
+    if c.model.init == "random":
+        if "tiny" in c.model:
+            return int(c.model.tiny.hidden_size)
+        return thinker_of_size(c.model.get("size", "7b")).text.hidden_size
     return ThinkerConfig.from_pretrained(c.model.checkpoint).text.hidden_size
 
 
