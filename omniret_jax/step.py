@@ -111,7 +111,9 @@ def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float, weight_d
     schedule = lr_schedule(lr=lr, total_updates=total_steps, warmup_ratio=warmup_ratio)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm),
                      optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask(decay)))
-    return optax.MultiSteps(tx, every_k_schedule=accumulate) if accumulate > 1 else tx
+    if accumulate == 1:
+        return tx
+    return optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
 
 
 def _all_finite(tree) -> jax.Array:
