@@ -32,7 +32,9 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         preset=preset, recipe="paper", l_A=1.0, l_D=1.0, l_T=1.0, temperature=0.01,
         tuple_similarity="joint", hard_negative_pool="",
     ))
-    c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.05))
+    # target: regex over the dotted module paths of the Linears that get adapters; "" = q/k/v of
+    # every LLM layer (model/lora.py DEFAULT_TARGET). `omniret-convert import` sets it from an adapter.
+    c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.05, target=""))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-5, warmup_ratio=0.03, weight_decay=0.01, clip_norm=1.0, accumulate=1,
     ))

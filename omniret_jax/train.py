@@ -27,7 +27,7 @@ from omniret_jax.data.batch import build_inputs
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
-from omniret_jax.step import StepConfig, make_optimizer, train_step
+from omniret_jax.step import StepConfig, train_step
 
 
 
@@ -92,9 +92,7 @@ def train(c, workdir: Path) -> dict[str, float]:
     graphdef, trainable, frozen, tokens = state.graphdef, state.trainable, state.frozen, state.tokens
     wrt = trainable_filter(state.lora)
 
-    tx = make_optimizer(lr=c.optim.lr, total_steps=c.train.steps, warmup_ratio=c.optim.warmup_ratio,
-                        weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
-                        accumulate=c.optim.accumulate)
+    tx = build.optimizer(c)
     param_sh, frozen_sh = state.trainable_shardings, state.frozen_shardings
     replicated = NamedSharding(mesh, PartitionSpec())
     # Moments follow their parameters (the axes metadata travels with them); counters are
