@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 from omniret_jax.convert.keymap import detect_layout, flax_to_hf_array, flax_to_hf_key
 from omniret_jax.convert.tensors import CheckpointError, TensorSource
 from omniret_jax.convert.to_flax import load_thinker
-from omniret_jax.config import Precision, ThinkerConfig
-from omniret_jax.model.thinker import Thinker
+from omniret_jax.config import Precision
 from tests.hf_tiny import tiny_hf_thinker
 
 
