@@ -157,14 +157,23 @@ def _marked_bytes(checkpoint: str) -> bool:
     return f.is_file() and json.loads(f.read_text()).get(TOKENIZER_KEY) == BYTE_TOKENIZER
 
 
-def tokens_for(c) -> Tokens:
-    """Random init: the byte stand-in. A checkpoint: ``model.tokenizer`` (a tokenizer directory, or
-    ``"bytes"``), else the checkpoint's own tokenizer, or the byte stand-in its config.json names."""
+def tokenizer_spec(c) -> str:
+    """``"bytes"`` (the byte stand-in) or the tokenizer directory the config's model uses: random
+    init: bytes; a checkpoint: ``model.tokenizer``, else the checkpoint's own tokenizer, or the
+    byte stand-in its config.json names."""
     if c.model.init == "random":
-        return byte_tokenizer(_random_configs(c)[0].text.vocab_size)
-    if c.model.tokenizer == BYTE_TOKENIZER or (not c.model.tokenizer and _marked_bytes(c.model.checkpoint)):
-        return byte_tokenizer(ThinkerConfig.from_pretrained(c.model.checkpoint).text.vocab_size)
-    return Tokens.from_pretrained(c.model.tokenizer or c.model.checkpoint)
+        return BYTE_TOKENIZER
+    if c.model.tokenizer:
+        return c.model.tokenizer
+    return BYTE_TOKENIZER if _marked_bytes(c.model.checkpoint) else c.model.checkpoint
+
+
+def tokens_for(c) -> Tokens:
+    spec = tokenizer_spec(c)
+    if spec != BYTE_TOKENIZER:
+        return Tokens.from_pretrained(spec)
+    cfg = _random_configs(c)[0] if c.model.init == "random" else ThinkerConfig.from_pretrained(c.model.checkpoint)
+    return byte_tokenizer(cfg.text.vocab_size)
 
 
 # ----------------------------------------------------------------------------- models

@@ -172,7 +172,7 @@ def export_run(workdir, out, *, step: int | None = None, merged: bool = False) -
                 _copy_tokenizer(c.model.checkpoint, tmp / "merged")
         info = {"format": EXPORT_FORMAT, "workdir": str(workdir), "step": step, "adapter": "adapter",
                 "base": "base" if not base_is_torch else base, "merged": "merged" if merged else None,
-                "tokenizer": build.BYTE_TOKENIZER if random_init else (c.model.tokenizer or c.model.checkpoint),
+                "tokenizer": build.tokenizer_spec(c),
                 "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
                          "modules": len(lora_modules(model))},
                 "modules_to_save": list(HEADS), "config": json.loads(json.dumps(c.to_dict()))}
