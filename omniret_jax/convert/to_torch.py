@@ -54,12 +54,21 @@ def _config_file(config_src: str | Path) -> Path:
     return src
 
 
+# Top-level entries of the full Qwen2.5-Omni config.json around its thinker_config.
+_OMNI_WRAPPER = ("model_type", "architectures", "thinker_config", "talker_config", "token2wav_config",
+                 "enable_audio_output", "enable_talker")
+
+
 def wave_config(model: nnx.Module, config_src: str | Path | None = None,
-                config_updates: Mapping | None = None) -> dict:
+                config_updates: Mapping | None = None, *, thinker_only: bool = False) -> dict:
     """The config.json of ``model``'s checkpoint: ``config_src`` (a config.json or the directory
     holding one) or, without it, the thinker config written from ``model.cfg``; a WAVE model's
-    ``beats_config`` added and ``config_updates`` merged into the top level."""
+    ``beats_config`` added and ``config_updates`` merged into the top level. ``thinker_only``
+    unwraps a full Qwen2.5-Omni config (``thinker_config`` nested inside) for a checkpoint in a
+    thinker layout, keeping its other top-level entries (``beats_config``, say)."""
     config = model.cfg.to_hf_dict() if config_src is None else json.loads(_config_file(config_src).read_text())
+    if thinker_only and "thinker_config" in config:
+        config = {**config["thinker_config"], **{k: v for k, v in config.items() if k not in _OMNI_WRAPPER}}
     beats_cfg = getattr(model, "beats_cfg", None)
     if beats_cfg is not None:
         config["beats_config"] = dataclasses.asdict(beats_cfg)
@@ -136,7 +145,7 @@ def export_safetensors(model: nnx.Module, out_dir: str | Path, *, config_src: st
     for name in (SINGLE_FILE, INDEX_FILE):
         if (out_dir / name).exists():
             raise FileExistsError(f"{out_dir / name} exists; choose an empty output directory")
-    config = wave_config(model, config_src, config_updates)
+    config = wave_config(model, config_src, config_updates, thinker_only=layout != "released")
     adapters = lora_modules(model)
     if adapters and not (merge_lora or drop_lora):
         raise ValueError(f"{len(adapters)} Linear modules carry LoRA adapters (e.g. {min(adapters)}): pass "
