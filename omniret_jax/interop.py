@@ -14,6 +14,7 @@
         DIR/merged/    --merged: one full checkpoint, LoRA folded in, heads included
         DIR/export.json  what was written, from which step, and the run's config
     omniret-convert import --adapter DIR --base WEIGHTS --out RUN [--config configs/x.py[:preset]]
+                           [--config.<key>=<value> ...]
         A PEFT adapter (+ heads) for WAVE / OmniRetriever -> a training workdir:
         RUN/checkpoints/0/{trainables,opt_state,meta} (fresh optimizer state: training from it
         fine-tunes, step 0 of the config's schedule), RUN/config.py (+ config.json) with the
@@ -31,6 +32,7 @@ COMMAND: omniret-convert import --adapter /tmp/run_torch/adapter --base /tmp/run
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -191,17 +193,22 @@ def _describe_changes(c, lora) -> list[str]:
     return changes
 
 
-def import_adapter(adapter, base, out, *, config=DEFAULT_IMPORT_CONFIG, beats_checkpoint: str | None = None) -> dict:
+def import_adapter(adapter, base, out, *, config=DEFAULT_IMPORT_CONFIG, overrides: dict | None = None,
+                   beats_checkpoint: str | None = None) -> dict:
     """A PEFT adapter directory (+ heads as modules_to_save) on the WAVE checkpoint ``base`` ->
-    a training workdir ``out`` (see the module doc). Returns what was taken from where."""
+    a training workdir ``out`` (see the module doc); ``overrides`` ({"embed.seq_len": 256}) apply
+    to ``config`` as ``--config.<key>=<value>`` do. Returns what was taken from where."""
     adapter, base, out = Path(adapter).absolute(), Path(base).absolute(), Path(out).absolute()
+    if not Path(str(config).partition(":")[0]).is_file():
+        raise FileNotFoundError(f"config file {str(config).partition(':')[0]} does not exist; pass --config")
+    try:
+        c = build.load_config(config, overrides)
+    except TypeError as e:  # ConfigDict refuses a value of another type
+        raise ValueError(f"--config override: {e}") from None
     ac = read_adapter_config(adapter)          # names the file on any problem
     if not base.is_dir():
         raise FileNotFoundError(f"--base {base}: no such directory (a WAVE checkpoint: config.json + "
                                 "safetensors, or an omniret-convert orbax directory)")
-    if not Path(str(config).partition(":")[0]).is_file():
-        raise FileNotFoundError(f"config file {str(config).partition(':')[0]} does not exist; pass --config")
-    c = build.load_config(config)
     prec = build.precision(c)
     cfg, beats_cfg = wave_configs(base, precision=prec)
     with staged_output(out) as tmp:
@@ -242,6 +249,7 @@ def import_adapter(adapter, base, out, *, config=DEFAULT_IMPORT_CONFIG, beats_ch
         (tmp / "config.json").write_text(json.dumps(json.loads(json.dumps(c.to_dict())), indent=1) + "\n")
         (tmp / "config.py").write_text(_CONFIG_PY.format(run=out))
         info = {"format": EXPORT_FORMAT, "adapter": str(adapter), "base": str(base), "config": str(config),
+                "overrides": dict(overrides or {}),
                 "modules_to_save": list(ac.modules_to_save), "heads_from_base": list(from_base),
                 "lora": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
                          "modules": len(lora_modules(model)), "default_target": default},
@@ -289,10 +297,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--base", required=True, help="the WAVE checkpoint the adapter belongs to (safetensors or orbax)")
     i.add_argument("--out", required=True, help="workdir to write (new or empty)")
     i.add_argument("--config", default=str(DEFAULT_IMPORT_CONFIG),
-                   help="config file[:preset] of the run (default: configs/omniretriever_7b.py); its model and "
-                        "lora sections are set from --base and the adapter")
+                   help="config file[:preset] of the run (default: configs/omniretriever_7b.py), with "
+                        "--config.<key>=<value> overrides as in training; its model and lora sections are set "
+                        "from --base and the adapter")
     i.add_argument("--beats-checkpoint", default=None, help="unilm BEATs .pt when --base has no beats.* tensors")
     return p
+
+
+def _literal(text: str):
+    """A --config.<key>=<value> value: a Python literal (256, 1e-5, True, (2, 3)) or else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: omniret-convert takes a command now: orbax | export | import "
               "(the old form is `omniret-convert orbax --src ... --out ...`)", file=sys.stderr)
         return 2
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for arg in rest:
+        key, eq, value = arg.partition("=")
+        if args.command != "import" or not key.startswith("--config.") or not eq:
+            parser.error(f"unrecognized argument {arg!r}" + ("" if args.command != "import" else
+                                                               " (overrides are --config.<key>=<value>)"))
+        overrides[key[len("--config."):]] = _literal(value)
     t0 = time.perf_counter()
     try:
         if args.command == "orbax":
@@ -318,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['lora']['modules']} LoRA modules, heads {', '.join(r['modules_to_save'])}; base "
                   f"{r['base']}) in {time.perf_counter() - t0:.1f} s")
         else:
-            r = import_adapter(args.adapter, args.base, args.out, config=args.config,
+            r = import_adapter(args.adapter, args.base, args.out, config=args.config, overrides=overrides,
                                beats_checkpoint=args.beats_checkpoint)
             print(f"imported {r['lora']['modules']} LoRA modules (r={r['lora']['rank']}, alpha={r['lora']['alpha']}) "
                   f"and heads {', '.join(r['modules_to_save']) or 'none'} from the adapter"
