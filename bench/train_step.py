@@ -66,7 +66,7 @@ from omniret_jax.data.batch import build_inputs  # noqa: E402
 from omniret_jax.data.random_batch import random_batch  # noqa: E402
 from omniret_jax.losses import needed_views  # noqa: E402
 from omniret_jax.model.lora import trainable_filter  # noqa: E402
-from omniret_jax.step import StepConfig, make_optimizer, train_step  # noqa: E402
+from omniret_jax.step import StepConfig, train_step  # noqa: E402
 
 GiB = 2**30
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, per device
@@ -199,6 +199,8 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "peak FLOP/s per device, in TFLO
 _CAPTION_CHARS = flags.DEFINE_integer("caption_chars", 48, "mean random caption length (bytes = tokens), "
                                       "unless the config sets bench.caption_tokens")
 _ABSTRACT = flags.DEFINE_boolean("abstract", False, "accounting only: allocate nothing")
+_COMPILE_ONLY = flags.DEFINE_boolean("compile_only", False, "compile the step on abstract weights and report its "
+                                     "compile time and memory analysis, allocate no weight (the 7B shapes on a CPU)")
 _JSON = flags.DEFINE_string("json", None, "also write the result here")
 
 
@@ -254,6 +256,40 @@ def run(c) -> dict:
     if _ABSTRACT.value:
         print(f"a real run {'would stop here: too little memory' if short else 'passes the memory check'}")
         return result
+    tx = build.optimizer(c)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_cfg, wrt = StepConfig(ecfg=ecfg, loss=lcfg), trainable_filter(build.lora_config(c))
+
+    def compile_step(trainable, frozen, tr_sh, fr_sh, opt, opt_sh, inputs):
+        def step_fn(params, frozen_state, opt_state, inputs, step, key):
+            return train_step(graphdef, params, frozen_state, opt_state, inputs, step, key, wrt=wrt, tx=tx,
+                              cfg=step_cfg)
+
+        in_sh = jax.tree.map(lambda x: x.sharding, inputs)
+        jitted = jax.jit(step_fn, in_shardings=(tr_sh, fr_sh, opt_sh, in_sh, replicated, replicated),
+                         out_shardings=(tr_sh, opt_sh, replicated), donate_argnums=(0, 2))
+        t0 = time.perf_counter()
+        compiled = jitted.lower(trainable, frozen, opt, inputs, jnp.int32(1), jax.random.key(0)).compile()
+        result["compile_s"] = compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        if mem is None or getattr(mem, "temp_size_in_bytes", None) is None:
+            print(f"compiled in {compile_s:.1f} s")
+            return compiled
+        need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+        result["step_memory_gib"], result["temp_gib"] = need / GiB, mem.temp_size_in_bytes / GiB
+        print(f"compiled in {compile_s:.1f} s; step memory per device {need / GiB:.2f} GiB "
+              f"(temporaries {mem.temp_size_in_bytes / GiB:.2f} GiB)")
+        if need > have and not _COMPILE_ONLY.value:
+            raise SystemExit(f"not enough memory: the compiled step needs {need / GiB:.1f} GiB per device, the device "
+                             f"has {have / GiB:.1f} GiB; lower --batch, use --config.model.remat=full or shard over "
+                             "more devices")
+        return compiled
+
+    if _COMPILE_ONLY.value:
+        abstract_opt = jax.eval_shape(tx.init, trainable)
+        compile_step(trainable, frozen, tr_sh, fr_sh, abstract_opt, sharding.state_shardings(abstract_opt, mesh),
+                     sharding.shard_batch(host, mesh))
+        return result
     if short:
         raise SystemExit(f"not enough memory: the weights and optimizer state alone need {(weights + adam) / GiB:.1f} "
                          f"GiB per device, the device has {have / GiB:.1f} GiB (the 7B step needs ~40 GB with "
@@ -262,39 +298,11 @@ def run(c) -> dict:
     # -- materialise, place, compile -------------------------------------------------------------
     state = build.build_state(c, mesh, train=True)
     trainable, frozen = state.trainable, state.frozen
-    tx = make_optimizer(lr=c.optim.lr, total_steps=c.train.steps, warmup_ratio=c.optim.warmup_ratio,
-                        weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm, accumulate=c.optim.accumulate)
-    replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, trainable), mesh)
     opt = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     inputs = sharding.shard_batch(host, mesh)
-    in_sh = jax.tree.map(lambda x: x.sharding, inputs)
-    step_cfg, wrt = StepConfig(ecfg=ecfg, loss=lcfg), trainable_filter(state.lora)
-
-    def step_fn(params, frozen_state, opt_state, inputs, step, key):
-        return train_step(state.graphdef, params, frozen_state, opt_state, inputs, step, key, wrt=wrt, tx=tx,
-                          cfg=step_cfg)
-
-    jitted = jax.jit(step_fn, in_shardings=(state.trainable_shardings, state.frozen_shardings, opt_sh, in_sh,
-                                            replicated, replicated),
-                     out_shardings=(state.trainable_shardings, opt_sh, replicated), donate_argnums=(0, 2))
+    compiled = compile_step(trainable, frozen, state.trainable_shardings, state.frozen_shardings, opt, opt_sh, inputs)
     step, key = jnp.int32(1), jax.random.key(0)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(trainable, frozen, opt, inputs, step, key).compile()
-    compile_s = time.perf_counter() - t0
-    result["compile_s"] = compile_s
-    mem = compiled.memory_analysis()
-    if mem is not None and getattr(mem, "temp_size_in_bytes", None) is not None:
-        need = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-        result["step_memory_gib"] = need / GiB
-        print(f"compiled in {compile_s:.1f} s; step memory per device {need / GiB:.2f} GiB "
-              f"(temporaries {mem.temp_size_in_bytes / GiB:.2f} GiB)")
-        if need > have:
-            raise SystemExit(f"not enough memory: the compiled step needs {need / GiB:.1f} GiB per device, the device "
-                             f"has {have / GiB:.1f} GiB; lower --batch, use --config.model.remat=full or shard over "
-                             "more devices")
-    else:
-        print(f"compiled in {compile_s:.1f} s")
 
     times = []
     skipped = 0

@@ -64,6 +64,8 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         tuple_similarity="joint", hard_negative_pool="",
         rotation="",                # "" = the recipe's: "update" (paper) or "micro_batch" (released)
     ))
+    # target: regex over the dotted module paths of the Linears that get adapters (model/lora.py
+    # DEFAULT_TARGET: q/k/v of every LLM layer); `omniret-convert import` sets it from an adapter.
     c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=32.0, dropout=0.05, target=DEFAULT_TARGET,
                                             trainable_extra=DEFAULT_TRAINABLE_EXTRA))
     c.optim = ml_collections.ConfigDict(dict(

@@ -23,6 +23,7 @@ The ``c.*`` sections are read here and nowhere else: ``precision``, ``lora_confi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import sys
@@ -32,13 +33,14 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
 from omniret_jax import sharding
 from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
-from omniret_jax.config import (AudioConfig, BEATsConfig, EmbedConfig, Precision, TextConfig, ThinkerConfig,
+from omniret_jax.config import (AudioConfig, BEATsConfig, EmbedConfig, Precision, TextConfig, ThinkerConfig, backbone_config, read_hf_config,
                                 VisionConfig, thinker_of_size)
 from omniret_jax.data.tokens import TINY_IDS, Tokens, byte_tokens
 from omniret_jax.losses import LossConfig
@@ -46,11 +48,14 @@ from omniret_jax.model.embedder import check_backbone as check_embedder
 from omniret_jax.model.lora import DEFAULT_TARGET, DEFAULT_TRAINABLE_EXTRA, LoRAConfig, apply_lora, trainable_filter
 from omniret_jax.model.thinker import Thinker
 from omniret_jax.model.wave import WAVE
+from omniret_jax.step import make_optimizer
 
 # The real shapes' tokenizer stand-in (no download): byte tokens under the real special ids.
 QWEN_IM_END, QWEN_PAD, QWEN_IM_START = 151645, 151643, 151644
 # model.backbone -> the model class: WAVE, or the plain thinker (Omni-Embed-Nemotron).
 BACKBONES = {"wave": WAVE, "nemotron": Thinker}
+# ``model.tokenizer`` value (and config.json entry of an exported random-init base) for the stand-in.
+BYTE_TOKENIZER, TOKENIZER_KEY = "bytes", "omniret_tokenizer"
 
 
 # ----------------------------------------------------------------------------- configs
@@ -98,8 +103,9 @@ def precision(c) -> Precision:
 
 
 def lora_config(c) -> LoRAConfig:
+    """``c.lora``; an empty (or absent, in older saved configs) ``target`` is the default q/k/v."""
     return LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                      target=c.lora.get("target", DEFAULT_TARGET),
+                      target=c.lora.get("target") or DEFAULT_TARGET,
                       trainable_extra=tuple(c.lora.get("trainable_extra", DEFAULT_TRAINABLE_EXTRA)))
 
 
@@ -149,6 +155,14 @@ def with_attention(cfg: ThinkerConfig, c) -> ThinkerConfig:
                                                 causal=causal))
 
 
+def optimizer(c) -> optax.GradientTransformation:
+    """``c.optim`` over ``c.train.steps`` updates: the AdamW schedule of ``step.make_optimizer``."""
+    o = c.optim
+    return make_optimizer(lr=o.lr, total_steps=int(c.train.steps), warmup_ratio=o.warmup_ratio,
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm, accumulate=int(o.accumulate),
+                          decay=o.get("decay", "all"))
+
+
 def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
     """Model configs of a random-init model: ``model.tiny``'s widths, or without it the published
     shapes of ``model.size`` (7b | 3b)."""
@@ -176,12 +190,37 @@ def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
     return cfg, beats
 
 
-def tokens_for(c) -> Tokens:
-    if c.model.init == "random":
-        if "tiny" in c.model:
-            return byte_tokens()
+def byte_tokenizer(vocab_size: int) -> Tokens:
+    """The stand-in tokenizer of random-init models: UTF-8 bytes + 1 under the tiny model's
+    special ids, or under Qwen's for a Qwen-sized vocabulary."""
+    if vocab_size > QWEN_IM_END:
         return byte_tokens(QWEN_IM_END, QWEN_PAD, QWEN_IM_START)
-    return Tokens.from_pretrained(c.model.tokenizer or c.model.checkpoint)
+    return byte_tokens()
+
+
+def _marked_bytes(checkpoint: str) -> bool:
+    """A checkpoint exported from a random-init run says so in its config.json (it has no tokenizer)."""
+    f = Path(checkpoint) / "config.json"
+    return f.is_file() and json.loads(f.read_text()).get(TOKENIZER_KEY) == BYTE_TOKENIZER
+
+
+def tokenizer_spec(c) -> str:
+    """``"bytes"`` (the byte stand-in) or the tokenizer directory the config's model uses: random
+    init: bytes; a checkpoint: ``model.tokenizer``, else the checkpoint's own tokenizer, or the
+    byte stand-in its config.json names."""
+    if c.model.init == "random":
+        return BYTE_TOKENIZER
+    if c.model.tokenizer:
+        return c.model.tokenizer
+    return BYTE_TOKENIZER if _marked_bytes(c.model.checkpoint) else c.model.checkpoint
+
+
+def tokens_for(c) -> Tokens:
+    spec = tokenizer_spec(c)
+    if spec != BYTE_TOKENIZER:
+        return Tokens.from_pretrained(spec)
+    cfg = _random_configs(c)[0] if c.model.init == "random" else backbone_config(read_hf_config(c.model.checkpoint))
+    return byte_tokenizer(cfg.text.vocab_size)
 
 
 # ----------------------------------------------------------------------------- models
@@ -291,33 +330,42 @@ def abstract_state(c, *, train: bool = True) -> tuple[Any, Any, Any, ThinkerConf
     return graphdef, trainable, frozen, _random_configs(c)[0]
 
 
+@functools.lru_cache(maxsize=4)
+def _random_init(key: str, train: bool, mesh: Mesh):
+    """(graphdef, abstract trainable, abstract frozen, jitted init) of a random-init model; cached
+    by the config's model, lora and embed sections (the backbone check reads the embedding), so a process that builds the same model again
+    (export, then restore; tests) compiles its initialisation once."""
+    c = ml_collections.ConfigDict(json.loads(key))
+    make = _random_split(c, train=train)
+    graphdef, abstract_trainable, abstract_frozen = nnx.eval_shape(make)
+    shardings = (sharding.state_shardings(abstract_trainable, mesh), sharding.state_shardings(abstract_frozen, mesh))
+    return graphdef, abstract_trainable, abstract_frozen, jax.jit(lambda: make()[1:], out_shardings=shardings)
+
+
 def build_state(c, mesh: Mesh, *, train: bool = True, verbose: bool = False) -> ModelState:
     """The config's model with fresh LoRA, split and placed on ``mesh`` (see the module docstring)."""
     _check_init(c)
     if c.model.init == "checkpoint":
         model, tokens = build_model(c, mesh=mesh)
         return place(attach_lora(model, c, train=train), c, mesh, tokens=tokens, verbose=verbose)
-    make = _random_split(c, train=train)
-    graphdef, abstract_trainable, abstract_frozen = nnx.eval_shape(make)
+    key = json.dumps({k: c[k].to_dict() for k in ("model", "lora", "embed")}, sort_keys=True, default=list)
+    graphdef, abstract_trainable, abstract_frozen, init = _random_init(key, train, mesh)
     if verbose:
         for fb in (sharding.sharding_fallbacks(abstract_trainable, mesh)
                    + sharding.sharding_fallbacks(abstract_frozen, mesh)):
             print(f"sharding: {fb}")
-    shardings = (sharding.state_shardings(abstract_trainable, mesh), sharding.state_shardings(abstract_frozen, mesh))
-    trainable, frozen = jax.jit(lambda: make()[1:], out_shardings=shardings)()
+    trainable, frozen = init()
     cfg, _ = _random_configs(c)
     return ModelState(graphdef, trainable, frozen, cfg, tokens_for(c), lora_config(c))
 
 
-def restore_trained(c, checkpoint_dir: str | Path, mesh: Mesh, step: int | None = None) -> tuple[ModelState, int]:
-    """The config's model in eval mode with the trainables (adapters + heads) of a training
-    checkpoint directory (``<workdir>/checkpoints``) restored into their shardings; ``step``
-    None takes the newest. Frozen weights come from the config: the checkpoint holds only what
-    training changed. Returns (state, restored step)."""
+def restore_trainables(state: ModelState, c, checkpoint_dir: str | Path, step: int | None = None) -> int:
+    """Replace ``state.trainable`` by the trainables (adapters + heads) of a training checkpoint
+    directory (``<workdir>/checkpoints``), restored straight into their shardings; ``step`` None
+    takes the newest. Returns the restored step."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
-    state = build_state(c, mesh, train=False)
     ckpt = TrainCheckpointer(checkpoint_dir, keep=c.train.keep, save_every=c.train.ckpt_every)
     try:
         steps = ckpt.all_steps()
@@ -333,4 +381,23 @@ def restore_trained(c, checkpoint_dir: str | Path, mesh: Mesh, step: int | None 
     if drift:
         logging.warning("config differs from the one step %d was trained with: %s", restored.step,
                         ", ".join(drift))
-    return state, restored.step
+    return restored.step
+
+
+def restore_trained(c, checkpoint_dir: str | Path, mesh: Mesh, step: int | None = None) -> tuple[ModelState, int]:
+    """The config's model in eval mode with the trainables of a training checkpoint (see
+    ``restore_trainables``). Frozen weights come from the config: the checkpoint holds only what
+    training changed. Returns (state, restored step)."""
+    if not Path(checkpoint_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    state = build_state(c, mesh, train=False)
+    return state, restore_trainables(state, c, checkpoint_dir, step)
+
+
+def saved_config(checkpoint_dir: str | Path, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+    """(the config a training checkpoint step was saved with, that step); ``step`` None: the newest."""
+    if not Path(checkpoint_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint_dir} does not exist")
+    with TrainCheckpointer(checkpoint_dir) as ckpt:
+        meta = ckpt.read_meta(step)
+    return ml_collections.ConfigDict(meta["config"]), meta["step"]

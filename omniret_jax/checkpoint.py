@@ -296,8 +296,25 @@ class TrainCheckpointer:
         except _Corrupt as e:
             raise CheckpointError(f"checkpoint step {step} in {self.workdir} is unusable: {e}") from e
 
-    def _restore(self, step: int, abstract_trainables: Any, abstract_opt_state: Any) -> RestoredState:
-        step_dir = self.workdir / str(step)
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON record of `step` (None: the newest): step, config, metrics, leaf specs.
+        CheckpointError when there is no step or it is unreadable, ValueError for a step that
+        does not exist (the message lists those that do)."""
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint step in {self.workdir}")
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise ValueError(f"no checkpoint step {step} in {self.workdir}; available: {steps}")
+        try:
+            return self._read_meta(step)
+        except _Corrupt as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.workdir} is unusable: {e}") from e
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(
                 **{META: ocp.args.JsonRestore()}))[META]
@@ -306,6 +323,11 @@ class TrainCheckpointer:
         if (not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("step") != step
                 or not _META_KEYS <= meta.keys()):
             raise _Corrupt(f"item '{META}' is not a format-{FORMAT} record of step {step}")
+        return meta
+
+    def _restore(self, step: int, abstract_trainables: Any, abstract_opt_state: Any) -> RestoredState:
+        step_dir = self.workdir / str(step)
+        meta = self._read_meta(step)
         for item in meta["items"]:
             if not (step_dir / item).is_dir():
                 raise _Corrupt(f"item '{item}' is missing")

@@ -176,6 +176,42 @@ class ThinkerConfig(_Backbone):
             precision=precision,
         )
 
+    def to_hf_dict(self) -> dict:
+        """The thinker ``config.json`` that transformers' ``Qwen2_5OmniThinkerConfig`` reads
+        (the inverse of ``from_hf_dict``; the precision policy is not part of it).
+
+        ``vision_start_token_id`` is written although the transformers config declares no
+        such field: its ``get_rope_index`` reads it (architecture.md section 6).
+        """
+        t, v, a = self.text, self.vision, self.audio
+        text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                    num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                    num_key_value_heads=t.num_key_value_heads, hidden_act=t.hidden_act, rms_norm_eps=t.rms_norm_eps,
+                    tie_word_embeddings=t.tie_word_embeddings, use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
+                                     "mrope_section": list(t.mrope_section)})
+        if t.head_dim is not None:
+            text["head_dim"] = t.head_dim
+        vision = dict(depth=v.depth, hidden_size=v.hidden_size, hidden_act=v.hidden_act,
+                      intermediate_size=v.intermediate_size, num_heads=v.num_heads, in_channels=v.in_channels,
+                      patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+                      temporal_patch_size=v.temporal_patch_size, window_size=v.window_size,
+                      out_hidden_size=v.out_hidden_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                      rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+        audio = dict(num_mel_bins=a.num_mel_bins, encoder_layers=a.encoder_layers,
+                     encoder_attention_heads=a.encoder_attention_heads, encoder_ffn_dim=a.encoder_ffn_dim,
+                     d_model=a.d_model, activation_function=a.activation_function, scale_embedding=a.scale_embedding,
+                     max_source_positions=a.max_source_positions, n_window=a.n_window, output_dim=a.output_dim)
+        return dict(
+            model_type="qwen2_5_omni_thinker", architectures=["Qwen2_5OmniThinkerForConditionalGeneration"],
+            text_config=text, vision_config=vision, audio_config=audio,
+            audio_token_index=self.audio_token_id, image_token_index=self.image_token_id,
+            video_token_index=self.video_token_id, audio_start_token_id=self.audio_start_token_id,
+            audio_end_token_id=self.audio_end_token_id, vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id, position_id_per_seconds=self.position_id_per_seconds,
+            seconds_per_chunk=self.seconds_per_chunk, tie_word_embeddings=t.tie_word_embeddings,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig(_Backbone):

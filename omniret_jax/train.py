@@ -38,7 +38,7 @@ from omniret_jax.data.batch import build_inputs, caption_token_budget
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
-from omniret_jax.step import StepConfig, lr_schedule, make_optimizer, train_step
+from omniret_jax.step import StepConfig, lr_schedule, train_step
 
 
 def _barrier(name: str) -> None:
@@ -153,9 +153,7 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     graphdef, trainable, frozen, tokens = state.graphdef, state.trainable, state.frozen, state.tokens
     wrt = trainable_filter(state.lora)
 
-    tx = make_optimizer(lr=c.optim.lr, total_steps=total, warmup_ratio=c.optim.warmup_ratio,
-                        weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm, accumulate=accumulate,
-                        decay=c.optim.get("decay", "all"))
+    tx = build.optimizer(c)
     schedule = lr_schedule(lr=c.optim.lr, total_updates=total, warmup_ratio=c.optim.warmup_ratio)
     param_sh, frozen_sh = state.trainable_shardings, state.frozen_shardings
     replicated = NamedSharding(mesh, PartitionSpec())

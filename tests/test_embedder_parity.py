@@ -1,14 +1,10 @@
 """The seven embedding paths against a PyTorch WAVE reference.
 
-Reference, written here from architecture.md sections 2-3 (not from our JAX code):
-transformers' Qwen2.5-Omni thinker (tiny, tests/hf_tiny.py) + openbeats' BEATs
-(ESPnet BeatsEncoder, tiny config of tests/test_beats.py) + torch modules for the
-WAVE heads (``classify_linear`` Linear-GELU-Linear over the concatenated last-token
-states of every layer, ``beats_ln`` LayerNorm, ``beats_proj`` Linear-GELU-Linear).
-Each sample is run alone and unpadded through the reference, with BEATs on the
-sample's own fbank frames and its tokens cut or zero-padded to 2 * N_w, pooled in
-pairs and interleaved with the Whisper tokens; ours runs the whole right-padded
-batch at once (towers once, every path reusing them).
+Reference: tests/torch_wave.py's TorchWave, written from architecture.md sections 2-3
+(not from our JAX code): transformers' Qwen2.5-Omni thinker (tiny, tests/hf_tiny.py) +
+openbeats' BEATs (tiny config of tests/test_beats.py) + torch modules for the WAVE heads,
+every tensor random. Each sample is run alone and unpadded through the reference; ours
+runs the whole right-padded batch at once (towers once, every path reusing them).
 
 Tolerances: float32 with matmul precision HIGHEST, max abs error <= 1e-4 per path
 (embeddings are unit vectors); bfloat16 compute: cosine >= 0.9999 per path (stated
@@ -32,11 +28,11 @@ from omniret_jax.convert.to_flax import load_wave
 from omniret_jax.data.batch import prepare
 from omniret_jax.data.tokens import Tokens
 from omniret_jax.model import embedder as E
-from tests.hf_tiny import (AUDIO_BOS, AUDIO_EOS, AUDIO_ID, IM_END, VIDEO_ID, VISION_BOS, VISION_EOS,
-                           tiny_hf_thinker)
+from tests.hf_tiny import IM_END, tiny_hf_thinker
 from tests.test_beats import TINY as BEATS_TINY
 from tests.test_beats import make_reference as make_beats_reference
 from tests.test_beats import unilm_state
+from tests.torch_wave import HEADS, TorchWave
 
 TOL = 1e-4
 PATCH = 3 * 2 * 14 * 14
@@ -52,73 +48,33 @@ TOKENS = Tokens(encode=encode, im_end_id=IM_END, pad_id=0)
 embed = nnx.jit(E.embed_paths, static_argnames=("ecfg",))
 
 
-class TorchWave(torch.nn.Module):
-    def __init__(self, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.thinker = tiny_hf_thinker(seed=seed)
-        self.beats = make_beats_reference(BEATS_TINY, seed=seed + 1)
-        d, layers, c = 64, 3, BEATS_TINY["encoder_embed_dim"]
-        self.classify_linear = torch.nn.Sequential(torch.nn.Linear(d * layers, d), torch.nn.GELU(),
-                                                   torch.nn.Linear(d, d))
-        self.beats_ln = torch.nn.LayerNorm(c)
-        self.beats_proj = torch.nn.Sequential(torch.nn.Linear(c, d), torch.nn.GELU(), torch.nn.Linear(d, d))
-        with torch.no_grad():
-            self.beats_ln.weight.copy_(1 + 0.2 * torch.randn(c))
-            self.beats_ln.bias.copy_(0.2 * torch.randn(c))
-        self.eval()
+PROMPTS = {"V": ECFG.video_prompt, "A": ECFG.audio_prompt, "AV": ECFG.av_prompt}
 
-    def state_dict_for_checkpoint(self) -> dict[str, torch.Tensor]:
-        sd = dict(self.thinker.state_dict())  # transformers-5 module names
-        for name in ("classify_linear", "beats_ln", "beats_proj"):
-            sd.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
-        sd.update({f"beats.{k}": torch.from_numpy(v) for k, v in unilm_state(self.beats).items()})
-        return {k: v.contiguous() for k, v in sd.items()}
 
-    # -- the reference embedding of one sample ------------------------------------------
-    @torch.no_grad()
-    def embed(self, path: str, s: dict) -> np.ndarray:
-        m = self.thinker.model
-        if path == "T":
-            ids = torch.tensor([encode(s["caption"]) + [IM_END]])
-            out = m.language_model(input_ids=ids, attention_mask=torch.ones_like(ids))
-            return torch.nn.functional.normalize(out.last_hidden_state[:, -1], dim=-1)[0].numpy()
-        ids, n_v, n_w = [], 0, 0
-        if "V" in path:
-            n_v = int(np.prod(s["grid"])) // 4
-            ids += [VISION_BOS] + [VIDEO_ID] * n_v + [VISION_EOS]
-        if "A" in path:
-            n_w = ((s["mel_len"] - 1) // 2 + 1 - 2) // 2 + 1
-            ids += [AUDIO_BOS] + [AUDIO_ID] * (2 * n_w) + [AUDIO_EOS]
-        prompt = s["caption"] if "T" in path else {"V": ECFG.video_prompt, "A": ECFG.audio_prompt,
-                                                   "AV": ECFG.av_prompt}[path]
-        ids = torch.tensor([ids + encode(prompt) + [IM_END]])
-        mask = torch.ones_like(ids)
-        emb = m.get_input_embeddings()(ids)
-        grid = spg = None
-        if "V" in path:
-            grid = torch.tensor([s["grid"]])
-            spg = torch.tensor([s["spg"]])
-            feats = m.get_video_features(torch.from_numpy(s["patches"]), grid).pooler_output
-            emb[ids == VIDEO_ID] = torch.cat(feats)
-        audio_seqlens = None
-        if "A" in path:
-            mel = torch.from_numpy(s["mel"][None, :, : s["mel_len"]])
-            whisper = m.get_audio_features(mel, feature_attention_mask=torch.ones(1, s["mel_len"],
-                                                                                  dtype=torch.long)).last_hidden_state
-            fb = torch.from_numpy(s["fbank"][None, : s["fbank_len"]])
-            tok = self.beats.extract_features(fb, None, skip_fbank_extraction=True)[0][0]
-            tok = tok[: 2 * n_w] if len(tok) >= 2 * n_w else torch.nn.functional.pad(tok, (0, 0, 0, 2 * n_w - len(tok)))
-            pooled = torch.nn.functional.avg_pool1d(tok.T[None], 2, 2)[0].T
-            beats = self.beats_proj(self.beats_ln(pooled))
-            emb[ids == AUDIO_ID] = torch.stack([whisper, beats], dim=1).reshape(2 * n_w, -1)
-            # WAVE gives the doubled run consecutive positions; transformers does the same
-            # for an audio whose mel length yields 2 * N_w tokens, i.e. 8 * N_w frames.
-            audio_seqlens = torch.tensor([8 * n_w])
-        pos, _ = m.get_rope_index(ids, None, grid, mask, False, audio_seqlens, spg)
-        out = m.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_hidden_states=True)
-        fused = self.classify_linear(torch.cat([h[:, -1] for h in out.hidden_states[1:]], dim=-1))
-        return torch.nn.functional.normalize(fused, dim=-1)[0].numpy()
+def make_reference(seed: int):
+    """(TorchWave with every tensor random, its transformers thinker)."""
+    thinker = tiny_hf_thinker(seed=seed)
+    ref = TorchWave(thinker, BEATS_TINY)
+    ref.beats = make_beats_reference(BEATS_TINY, seed=seed + 1)
+    c = BEATS_TINY["encoder_embed_dim"]
+    with torch.no_grad():
+        ref.beats_ln.weight.copy_(1 + 0.2 * torch.randn(c))
+        ref.beats_ln.bias.copy_(0.2 * torch.randn(c))
+    return ref.eval(), thinker
+
+
+def checkpoint_state(ref, thinker) -> dict[str, torch.Tensor]:
+    """The WAVE checkpoint of the reference: the thinker's in-memory (transformers-5) names,
+    the heads beside them, BEATs in unilm layout under ``beats.``."""
+    sd = dict(thinker.state_dict())
+    for name in HEADS:
+        sd.update({f"{name}.{k}": v for k, v in getattr(ref, name).state_dict().items()})
+    sd.update({f"beats.{k}": torch.from_numpy(v) for k, v in unilm_state(ref.beats).items()})
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def ref_embed(ref, path: str, s: dict, **kw) -> np.ndarray:
+    return ref.embed(path, s, encode=encode, im_end=IM_END, prompts=PROMPTS, **kw)
 
 
 def make_batch(rng) -> tuple[dict, list[dict]]:
@@ -162,40 +118,40 @@ def path_errors(ours: dict, reference, samples: list[dict], label: str = "float3
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    ref = TorchWave(seed=11)
+    ref, thinker = make_reference(seed=11)
     path = tmp_path_factory.mktemp("wave") / "ckpt"
     path.mkdir()
-    save_file(ref.state_dict_for_checkpoint(), str(path / "model.safetensors"))
-    config = ref.thinker.config.to_dict()
+    save_file(checkpoint_state(ref, thinker), str(path / "model.safetensors"))
+    config = thinker.config.to_dict()
     config["beats_config"] = BEATS_TINY
     (path / "config.json").write_text(json.dumps(config))
-    return ref, path
+    return ref, path, thinker
 
 
 def test_seven_paths_match_reference(setup):
-    ref, path = setup
+    ref, path, _ = setup
     model, report = load_wave(path, progress=False)
     batch, samples = make_batch(np.random.default_rng(0))
     inputs = prepare(batch, PATHS, model.cfg, TOKENS, ECFG)
-    errors = path_errors(embed(model, inputs, ECFG), ref.embed, samples)
+    errors = path_errors(embed(model, inputs, ECFG), lambda p, s: ref_embed(ref, p, s), samples)
     assert max(errors.values()) <= TOL, errors
 
 
 def test_bfloat16_paths_stay_close(setup):
-    ref, path = setup
+    ref, path, _ = setup
     model, _ = load_wave(path, precision=Precision.from_names(compute="bfloat16"), progress=False)
     batch, samples = make_batch(np.random.default_rng(0))
     ours = embed(model, prepare(batch, PATHS, model.cfg, TOKENS, ECFG), ECFG)
     cos = {}
     for p in PATHS:
-        want = np.stack([ref.embed(p, s) for s in samples])
+        want = np.stack([ref_embed(ref, p, s) for s in samples])
         cos[p] = float(np.min(np.sum(np.asarray(ours[p]) * want, axis=-1)))
     print("\nmin cosine per path (bfloat16 compute): " + ", ".join(f"{k}={v:.5f}" for k, v in cos.items()))
     assert min(cos.values()) >= 0.9999, cos
 
 
 def test_towers_run_once_per_batch(setup, monkeypatch):
-    _, path = setup
+    _, path, _ = setup
     model, _ = load_wave(path, progress=False)
     batch, _ = make_batch(np.random.default_rng(1))
     calls = {"vision": 0, "audio": 0}
@@ -212,23 +168,17 @@ def test_towers_run_once_per_batch(setup, monkeypatch):
 
 def test_text_fusion_head_switch(setup):
     """The paper's variant sends the text path through the fusion head too."""
-    ref, path = setup
+    ref, path, _ = setup
     model, _ = load_wave(path, progress=False)
     batch, samples = make_batch(np.random.default_rng(2))
     ecfg = EmbedConfig(text_len=48, text_fusion_head=True)
     got = np.asarray(embed(model, prepare(batch, ("T",), model.cfg, TOKENS, ecfg), ecfg)["T"])
-    with torch.no_grad():
-        want = []
-        for s in samples:
-            ids = torch.tensor([encode(s["caption"]) + [IM_END]])
-            out = ref.thinker.model.language_model(input_ids=ids, output_hidden_states=True)
-            fused = ref.classify_linear(torch.cat([h[:, -1] for h in out.hidden_states[1:]], dim=-1))
-            want.append(torch.nn.functional.normalize(fused, dim=-1)[0].numpy())
-    assert np.abs(got - np.stack(want)).max() <= TOL
+    want = np.stack([ref_embed(ref, "T", s, text_fusion_head=True) for s in samples])
+    assert np.abs(got - want).max() <= TOL
 
 
 def test_bad_inputs_are_named(setup, tmp_path):
-    ref, path = setup
+    ref, path, _ = setup
     model, _ = load_wave(path, progress=False)
     batch, _ = make_batch(np.random.default_rng(3))
     with pytest.raises(ValueError, match="unknown embedding path.*'VT'"):
@@ -244,7 +194,7 @@ def test_bad_inputs_are_named(setup, tmp_path):
         prepare(long, ("T",), model.cfg, TOKENS, ECFG)
     # A plain thinker checkpoint has no WAVE heads.
     plain = tmp_path / "plain"
-    ref.thinker.save_pretrained(plain)
+    setup[2].save_pretrained(plain)
     cfg = json.loads((plain / "config.json").read_text())
     cfg["beats_config"] = BEATS_TINY
     (plain / "config.json").write_text(json.dumps(cfg))
@@ -257,7 +207,7 @@ def test_wave_checkpoint_round_trip_bit_exact(setup, tmp_path):
     from omniret_jax.convert.tensors import TensorSource
     from omniret_jax.convert.to_torch import export_safetensors
 
-    _, path = setup
+    _, path, _ = setup
     model, _ = load_wave(path, progress=False)
     out = export_safetensors(model, tmp_path / "out", config_src=path, layout="transformers5")
     a, b = TensorSource(path), TensorSource(out)

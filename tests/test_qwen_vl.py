@@ -23,7 +23,7 @@ from flax import nnx
 from peft import LoraConfig, get_peft_model
 
 from omniret_jax.config import QwenVLConfig, backbone_config, read_hf_config
-from omniret_jax.convert import cli
+from omniret_jax import interop
 from omniret_jax.convert.keymap import detect_layout
 from omniret_jax.convert.orbax_io import restore_module
 from omniret_jax.convert.peft import export_peft, import_peft
@@ -179,7 +179,7 @@ def test_export_is_bit_exact_with_save_pretrained(saved, models, tmp_path):
 
 def test_cli_converts_a_qwen_vl_checkpoint(saved, models, tmp_path, capsys):
     _, path = saved
-    assert cli.main(["--src", str(path), "--out", str(tmp_path / "flax"), "--param-dtype", "float32"]) == 0
+    assert interop.main(["orbax", "--src", str(path), "--out", str(tmp_path / "flax"), "--param-dtype", "float32"]) == 0
     assert "layout qwen2_5_vl" in capsys.readouterr().out
     cfg = backbone_config(read_hf_config(tmp_path / "flax"))
     restored = restore_module(lambda: Thinker(cfg, rngs=nnx.Rngs(0)), tmp_path / "flax")

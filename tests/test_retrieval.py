@@ -255,8 +255,8 @@ def test_store_round_trip_validation_and_mmap(tmp_path):
 
 def test_store_rejects_bad_content(tmp_path):
     x = np.ones((3, 4), np.float32)
-    with pytest.raises(ValueError, match=r"unknown path name\(s\) \['TVA'\]"):
-        write_embeddings(tmp_path / "a.safetensors", {"TVA": x}, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"unknown path name\(s\) \['VT'\]"):
+        write_embeddings(tmp_path / "a.safetensors", {"VT": x}, ["a", "b", "c"])
     with pytest.raises(ValueError, match="duplicate ids"):
         write_embeddings(tmp_path / "a.safetensors", {"V": x}, ["a", "b", "a"])
     with pytest.raises(ValueError, match="different dims"):

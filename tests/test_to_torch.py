@@ -32,6 +32,7 @@ from omniret_jax.convert.to_torch import export_safetensors
 from omniret_jax.model.lora import LoRAConfig, apply_lora, lora_modules
 from tests.hf_tiny import tiny_hf_thinker
 from tests.test_thinker_parity import _run
+from tests.torch_wave import read_safetensors
 
 MERGE_TOL = 1e-6
 
@@ -52,16 +53,6 @@ def saved(hf, tmp_path_factory):
     return out
 
 
-def _read(path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        with safe_open(str(path / name), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
-
-
 def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -70,7 +61,7 @@ def _source(layout: str, saved_dir, dst):
     """A checkpoint of ``layout`` built without the key map under test."""
     if layout == "thinker":
         return saved_dir
-    sd = _read(saved_dir)  # thinker layout: model.*, visual.*, audio_tower.*, lm_head.*
+    sd = read_safetensors(saved_dir)  # thinker layout: model.*, visual.*, audio_tower.*, lm_head.*
     cfg = json.loads((saved_dir / "config.json").read_text())
     if layout == "nemotron":  # the thinker's keys under Omni-Embed-Nemotron's config
         rename = {p: p for p in ("model.", "visual.", "audio_tower.", "lm_head.")}
@@ -93,7 +84,7 @@ def _source(layout: str, saved_dir, dst):
 
 
 def _assert_same_files(src, out):
-    a, b = _read(src), _read(out)
+    a, b = read_safetensors(src), read_safetensors(out)
     assert sorted(a) == sorted(b), f"key sets differ: {sorted(set(a) ^ set(b))[:5]}"
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
@@ -125,7 +116,7 @@ def test_sharded_export_loads_in_transformers(hf, saved, tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and not (out / "model.safetensors").exists()
     sizes = {s: (out / s).stat().st_size for s in shards}
-    tensors = _read(out)
+    tensors = read_safetensors(out)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     for s in shards:
         with safe_open(str(out / s), "pt") as f:
@@ -154,7 +145,7 @@ def test_merged_lora_export(hf, saved, tmp_path):
     out = export_safetensors(model, tmp_path / "merged", layout="transformers5", config_src=saved["float32"],
                              merge_lora=True)
     assert len(lora_modules(model)) == 9, "exporting must not merge the model itself"
-    merged = _read(out)
+    merged = read_safetensors(out)
     assert not [k for k in merged if "lora" in k]
     export_peft(model, cfg, tmp_path / "adapter", base_model_name_or_path="tiny")
     ref = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "adapter")).merge_and_unload().state_dict()

@@ -42,7 +42,7 @@ from omniret_jax.data.random_batch import random_batch
 from omniret_jax.data.synth import SynthSettings, generate
 from omniret_jax.losses import compute_losses, needed_views
 from omniret_jax.model.lora import lora_modules, trainable_filter
-from omniret_jax.step import StepConfig, embeddings, make_optimizer, train_step
+from omniret_jax.step import StepConfig, embeddings, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.py"
@@ -92,12 +92,6 @@ def _lora_model(c, *, nonzero_b: bool):
     return model, trainable_filter(build.lora_config(c))
 
 
-def _optimizer(c):
-    return make_optimizer(lr=c.optim.lr, total_steps=c.train.steps, warmup_ratio=c.optim.warmup_ratio,
-                          weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
-                          accumulate=c.optim.accumulate)
-
-
 @pytest.fixture(scope="module")
 def setup() -> Setup:
     c = _config()
@@ -107,7 +101,7 @@ def setup() -> Setup:
     hosts = [build_inputs(random_batch(c, B, seed=s), s, model.cfg, build.tokens_for(c), ecfg, needed_views(lcfg),
                           seed=c.train.seed) for s in (0, 1)]
     keys = [jax.random.fold_in(jax.random.key(c.train.seed), s) for s in (0, 1)]
-    return Setup(c, model, graphdef, trainable, frozen, wrt, _optimizer(c), StepConfig(ecfg=ecfg, loss=lcfg),
+    return Setup(c, model, graphdef, trainable, frozen, wrt, build.optimizer(c), StepConfig(ecfg=ecfg, loss=lcfg),
                  hosts, keys)
 
 
@@ -290,7 +284,7 @@ def _restore(c, workdir: Path, step: int):
     """Host (trainables, optimizer state) of a saved step, restored into trees built like train.py's."""
     model, wrt = _lora_model(c, nonzero_b=False)
     _, trainable, _ = build.split_state(model, build.lora_config(c), build.precision(c))
-    opt = jax.jit(_optimizer(c).init)(trainable)
+    opt = jax.jit(build.optimizer(c).init)(trainable)
     with TrainCheckpointer(workdir / "checkpoints") as ckpt:
         r = ckpt.restore(step, trainable, opt)
     return _flat(r.trainables), _flat(r.opt_state)

@@ -28,6 +28,7 @@ from omniret_jax.convert.keymap import (
     IGNORED_PREFIXES, LAYOUTS, THINKER_LAYOUTS, VL_LAYOUTS, WAVE_MODULES, detect_layout, expected_hf_shape,
     flax_to_hf_array, flax_to_hf_key, hf_to_flax_array,
 )
+from omniret_jax.convert.orbax_io import STATE_DIR, is_orbax, restore_module
 from omniret_jax.convert.tensors import CheckpointError, MappingSource, OverlaySource, TensorSource
 from omniret_jax.model.beats import BEATs
 from omniret_jax.model.thinker import Thinker
@@ -190,7 +191,14 @@ def load_wave(path, *, beats_checkpoint=None, precision: Precision = Precision()
     config.json). A plain Qwen2.5-Omni checkpoint has no fusion head or adaptor:
     that is an error unless ``init_missing_heads`` starts them from random init. ``configure``
     adjusts the model config read from config.json (run-time choices such as the attention kernel).
+
+    ``path`` may also be an orbax directory written by ``omniret-convert orbax``
+    (``state/`` + config.json): the whole model is restored from it, straight into
+    the policy's dtypes and ``mesh``'s shardings.
     """
+    if is_orbax(path):
+        return _restore_wave(path, beats_checkpoint=beats_checkpoint, precision=precision, seed=seed, mesh=mesh,
+                             remat=remat, configure=configure)
     cfg = ThinkerConfig.from_pretrained(path, precision=precision)
     if configure is not None:
         cfg = configure(cfg)
@@ -201,11 +209,7 @@ def load_wave(path, *, beats_checkpoint=None, precision: Precision = Precision()
     if beats_checkpoint is not None:
         beats_cfg, beats_weights = load_unilm_checkpoint(beats_checkpoint)
     else:
-        raw = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
-        if "beats_config" not in raw:
-            raise CheckpointError(f"{path}: no BEATs config (config.json has no 'beats_config'); pass "
-                                  "beats_checkpoint=<BEATs_iter3_plus .pt> (WAVE's audio_config.beats_path)")
-        beats_cfg = BEATsConfig.from_unilm_dict(raw["beats_config"])
+        beats_cfg = _beats_config(path)
         beats_keys = [k for k in source.keys() if k.startswith(prefix["beats"])]
         if not beats_keys:
             raise CheckpointError(f"{path}: no '{prefix['beats']}*' tensors; pass beats_checkpoint=<unilm .pt>")
@@ -230,3 +234,61 @@ def load_wave(path, *, beats_checkpoint=None, precision: Precision = Precision()
                 extra[flax_to_hf_key(key_path, layout)] = flax_to_hf_array(key_path, np.asarray(var.get_value()))
     return load_module(build, OverlaySource(source, extra, hidden=(prefix["beats"],)), layout=layout, mesh=mesh,
                        progress=progress)
+
+
+def _beats_config(path) -> BEATsConfig:
+    raw = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
+    if "beats_config" not in raw:
+        raise CheckpointError(f"{path}: no BEATs config (config.json has no 'beats_config'); pass "
+                              "beats_checkpoint=<BEATs_iter3_plus .pt> (WAVE's audio_config.beats_path)")
+    try:
+        return BEATsConfig.from_unilm_dict(raw["beats_config"])
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: beats_config: {e}") from e
+
+
+def _restore_wave(path, *, beats_checkpoint, precision: Precision, seed: int, mesh: Mesh | None,
+                  remat: str, configure: Callable[[ThinkerConfig], ThinkerConfig] | None = None) -> tuple[WAVE, LoadReport]:
+    if beats_checkpoint is not None:
+        raise CheckpointError(f"{path} is an orbax WAVE checkpoint, which holds BEATs already; "
+                              f"beats_checkpoint={beats_checkpoint!s} would not be used (leave it empty)")
+    cfg = ThinkerConfig.from_pretrained(path, precision=precision)
+    if configure is not None:
+        cfg = configure(cfg)
+    beats_cfg = _beats_config(path)
+    try:
+        model = restore_module(lambda: WAVE(cfg, beats_cfg, rngs=nnx.Rngs(seed), remat=remat), path, mesh=mesh)
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path) / STATE_DIR}: does not match {Path(path) / 'config.json'}: "
+                              f"{str(e).splitlines()[0]}") from e
+    leaves = jax.tree.leaves(nnx.state(model))
+    return model, LoadReport(layout="orbax", loaded=len(leaves), ignored={},
+                             nbytes=sum(int(x.nbytes) for x in leaves))
+
+
+def wave_configs(path, *, precision: Precision = Precision()) -> tuple[ThinkerConfig, BEATsConfig]:
+    """(thinker config, BEATs config) of a WAVE checkpoint directory (safetensors or orbax) from its
+    config.json, which must carry ``beats_config``."""
+    return ThinkerConfig.from_pretrained(path, precision=precision), _beats_config(path)
+
+
+def load_heads(path, names: tuple[str, ...] = HEADS, *, precision: Precision = Precision(),
+               allow_pickle: bool = False) -> dict[str, nnx.Module]:
+    """WAVE's trained heads (``names`` of HEADS) alone from a WAVE checkpoint directory, in the
+    trainable dtype; only their tensors are read (an orbax directory is restored whole)."""
+    if is_orbax(path):
+        model, _ = _restore_wave(path, beats_checkpoint=None, precision=precision, seed=0, mesh=None, remat="none")
+        return {n: getattr(model, n) for n in names}
+    cfg, beats_cfg = wave_configs(path, precision=precision)
+    source = TensorSource(path, allow_pickle=allow_pickle)
+    layout = detect_layout(source.keys())
+    prefixes = tuple(LAYOUTS[layout][n] + "." for n in names)
+    missing = [n for n, p in zip(names, prefixes) if not any(k.startswith(p) for k in source.keys())]
+    if missing:
+        raise CheckpointError(f"{path} has no WAVE {', '.join(m + '.*' for m in missing)} tensors "
+                              "(a plain Qwen2.5-Omni thinker?)")
+    heads = MappingSource({k: source.read(k) for k in source.keys() if k.startswith(prefixes)})
+    build = lambda: nnx.Dict({n: m for n, m in wave_heads(cfg, beats_cfg, rngs=nnx.Rngs(0)).items()  # noqa: E731
+                              if n in names})
+    loaded, _ = load_module(build, heads, layout=layout, progress=False)
+    return {n: loaded[n] for n in names}

@@ -56,9 +56,13 @@ _DATA_KEYS = ("num_frames", "min_pixels", "max_pixels", "audio_seconds", "on_mis
               "on_long_caption")
 
 
-def paths_for(directions: Sequence[str]) -> tuple[str, ...]:
-    """Embedding paths (in PATH_NAMES order) that the directions need; unknown names raise."""
-    used = {p for d in directions for p in retrieval.direction_paths(d)}
+def paths_for(directions: Sequence[str], extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """Embedding paths (in PATH_NAMES order) that the directions need, plus ``extra`` ones (TVA,
+    say, which no direction scores); unknown names raise."""
+    unknown = [p for p in extra if p not in PATH_NAMES]
+    if unknown:
+        raise ValueError(f"unknown embedding path(s) {unknown}; known: {', '.join(PATH_NAMES)}")
+    used = {p for d in directions for p in retrieval.direction_paths(d)} | set(extra)
     return tuple(p for p in PATH_NAMES if p in used)
 
 
@@ -296,14 +300,15 @@ def _stored_fingerprint(path: Path) -> str | None:
 def evaluate_checkpoint(c, checkpoint, manifest, out, *, mode: str = "first", block: int = 1024,
                         batch_size: int | None = None, directions: Sequence[str] | None = None,
                         compression: bool = False, compression_seeds: Sequence[int] = (0, 1, 2, 3, 4),
-                        recompute: bool = False, progress: bool = True) -> dict:
+                        recompute: bool = False, progress: bool = True, extra_paths: Sequence[str] = ()) -> dict:
     """Embeds the manifest's gallery with the config's model and `checkpoint` (see
     resolve_checkpoint), caches the embeddings in `out`, scores the directions (default: all
-    12) and writes out/results.json and out/results.md. Returns the results dict."""
+    12) and writes out/results.json and out/results.md. `extra_paths` are embedded and cached
+    too. Returns the results dict."""
     if mode not in retrieval.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {retrieval.MODES}")
     directions = list(retrieval.DIRECTIONS if directions is None else directions)
-    paths = paths_for(directions)  # unknown directions fail here, before any model work
+    paths = paths_for(directions, extra_paths)  # unknown directions fail here, before any model work
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     records = read_manifest(manifest)
