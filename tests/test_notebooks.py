@@ -65,7 +65,7 @@ def test_ablations(tmp_path):
     print("\n".join(line for line in text.splitlines() if line.startswith("| ") or "(1, 1, 1)" in line))
 
 
-@pytest.mark.slow  # three tiny WAVE runs of 384 examples and their evaluations: ~10 min on 2 CPU cores
+@pytest.mark.slow  # three tiny WAVE runs of 384 examples and their evaluations: 20 min on 2 loaded CPU cores
 def test_grad_cache(tmp_path):
     nb = _execute("grad_cache.ipynb", tmp_path, timeout=2400)
     text = _text(nb)
