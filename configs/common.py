@@ -76,8 +76,16 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # steps, log_every, ckpt_every count optimizer updates; batch_size is the global micro-batch
     # (an update sees batch_size x optim.accumulate samples); max_nonfinite counts micro-batches.
+    # Gradient caching (omniret_jax.step.cached_loss_and_grads): contrastive_batch is the global
+    # examples that are each other's negatives, chunk the global examples one forward/backward
+    # holds in memory. 0 = no caching: contrastive_batch = batch_size, chunk = contrastive_batch.
+    # A non-zero contrastive_batch *is* the micro-batch (it replaces batch_size: the pipeline reads
+    # it, one step embeds it chunk by chunk). Rules (omniret_jax.train.grad_cache): contrastive_batch
+    # a multiple of chunk, chunk a multiple of the data-parallel devices (mesh data x fsdp),
+    # embed.pack = () and one process when chunk < contrastive_batch.
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, seed=0, log_every=10, ckpt_every=500, keep=3, max_nonfinite=10,
+        contrastive_batch=0, chunk=0,
     ))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c

@@ -1,7 +1,7 @@
 """OmniRetriever-7B: WAVE-7B + LoRA (r16, a32, 0.05, q/k/v of all 28 layers) at full scale, two recipes.
 
 The config argument names a recipe, a loss preset, or both (``paper``, ``released``, ``distill``,
-``released,pairwise``); the default is ``paper,full``.
+``released,pairwise``), plus optionally ``cached``; the default is ``paper,full``.
 
 ``paper`` (the paper's text, architecture.md s.5): global batch 64 per update (32 per micro-batch
 x 2 accumulation: 8 per device x 4 devices in the reference), one epoch of 11,192 updates, L = L_A
@@ -24,6 +24,23 @@ differs from ``paper``:
 | weight decay | every trainable | every trainable but biases and LayerNorm (transformers' Trainer grouping) | trainer.py `create_optimizer` |
 | checkpoints | every 500 updates | every 1000 updates | train.sh L94-96 |
 
+``cached`` (with either recipe, e.g. ``released,cached``): the update of 256 examples is one
+contrastive batch, every example the other 255's negative (gradient caching,
+``train.contrastive_batch`` / ``train.chunk``, configs/common.py) instead of 8 accumulated
+micro-batches of 32 that each see 31:
+
+| setting | released | released,cached |
+|---|---|---|
+| update | 32 x 8 accumulated = 256 | one contrastive batch of 256, accumulate 1 |
+| negatives per example (in batch) | 31 | 255 |
+| chunk (examples a forward/backward holds) | 32 (8 per device x 4) | 32 (8 per device x 4) |
+| updates | 2,798 | 2,798 (the same samples) |
+| compute per update | 1 forward + backward of 256 | + 1 forward of 256 (the no-grad embedding pass) |
+| hard-negative slot and pair rotation (`micro_batch`) | advance 8 times per update | advance once per update (one micro-batch) |
+
+With ``paper``: contrastive batch 64 in chunks of 32, 11,192 updates. Needs one process (the
+hard-negative view takes its rows' media from this process's batch) and unpacked paths.
+
 The same in both: 8 frames (linspace over the clip) at min = max = 224 * 224 pixels (train.sh
 L86-89), 8 s of audio from the start of the clip (train.sh L85, data_qwen.py L667-688), LoRA
 r16 / alpha 32 / dropout 0.05 on q/k/v (train.sh L55-56, L90-92; argument.py L36; train_qwen.py
@@ -41,6 +58,7 @@ padded lengths bound a caption: longer ones are truncated and counted).
 
 COMMAND: python -m omniret_jax.train --config configs/omniretriever_7b.py --workdir /ckpt/omniret --config.model.checkpoint=/weights/WAVE-7B --config.data.manifest=/data/train.jsonl
 COMMAND: python -m omniret_jax.train --config configs/omniretriever_7b.py:released --workdir /ckpt/omniret_released --config.model.checkpoint=/weights/WAVE-7B --config.data.manifest=/data/train.jsonl
+COMMAND: python -m omniret_jax.train --config configs/omniretriever_7b.py:released,cached --workdir /ckpt/omniret_cached --config.model.checkpoint=/weights/WAVE-7B --config.data.manifest=/data/train.jsonl
 """
 
 import ml_collections
@@ -52,21 +70,24 @@ PRESETS = ("frozen", "pairwise", "distill", "full")
 SAMPLES_PER_EPOCH = 11192 * 64  # the paper's epoch: 11,192 updates of 64
 
 
-def parse(arg: str) -> tuple[str, str]:
-    """'released,pairwise' -> ('released', 'pairwise'); either part may be left out."""
-    recipe, preset = "paper", "full"
+def parse(arg: str) -> tuple[str, str, bool]:
+    """'released,pairwise,cached' -> ('released', 'pairwise', True); any part may be left out."""
+    recipe, preset, cached = "paper", "full", False
     for part in filter(None, (p.strip() for p in (arg or "").replace("-", ",").split(","))):
         if part in RECIPES:
             recipe = part
         elif part in PRESETS:
             preset = part
+        elif part == "cached":
+            cached = True
         else:
-            raise ValueError(f"config argument {arg!r}: {part!r} is neither a recipe {RECIPES} nor a preset {PRESETS}")
-    return recipe, preset
+            raise ValueError(f"config argument {arg!r}: {part!r} is neither a recipe {RECIPES}, a preset {PRESETS} "
+                             "nor 'cached'")
+    return recipe, preset, cached
 
 
 def get_config(arg: str = "paper,full") -> ml_collections.ConfigDict:
-    recipe, preset = parse(arg)
+    recipe, preset, cached = parse(arg)
     c = common.base_config(preset)
     c.model.precision.update(compute="bfloat16", trainable="float32", frozen="bfloat16")
     c.model.remat = "full"
@@ -93,4 +114,8 @@ def get_config(arg: str = "paper,full") -> ml_collections.ConfigDict:
         c.loss.rotation = "micro_batch"
         c.data.text_negative = "dataset"
         c.optim.decay = "no_bias_norm"
+    if cached:  # the whole update one contrastive batch, in chunks of the micro-batch's 32
+        update = c.train.batch_size * c.optim.accumulate
+        c.train.update(contrastive_batch=update, chunk=c.train.batch_size)
+        c.optim.accumulate = 1
     return c

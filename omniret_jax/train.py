@@ -13,6 +13,10 @@ learning-rate schedule's unit); the loop runs ``steps x accumulate`` micro-batch
 towards its update). Checkpoints are taken at update boundaries only, holding the update
 count, the micro-batch count and the pipeline state, so a resumed run continues bitwise.
 
+Gradient caching (``train.contrastive_batch`` > ``train.chunk``, ``grad_cache``): the micro-batch
+is the contrastive batch, every example the others' negative, embedded chunk by chunk
+(``step.cached_loss_and_grads``) with the activation memory of one chunk.
+
 Several processes (``--config.distributed.*``, or a cluster jax.distributed detects): each
 reads its rows of every global batch, lays them out, and exchanges the small per-row metadata
 the hard negatives need; the arrays on the devices are global, so the step is the same program
@@ -21,6 +25,7 @@ as on one process with as many devices.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -34,7 +39,7 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import define_config_flag
 from omniret_jax.checkpoint import TrainCheckpointer
-from omniret_jax.data.batch import build_inputs, caption_token_budget
+from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
@@ -121,6 +126,53 @@ def gather_rows(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(meta, tiled=True).items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class GradCache:
+    """How one micro-batch meets the step: whole (``chunks`` 1) or as ``chunks`` chunks of gradient
+    caching (``step.cached_loss_and_grads``: every example is every other's negative, memory is
+    one chunk's)."""
+    chunks: int = 1
+
+    @property
+    def on(self) -> bool:
+        return self.chunks > 1
+
+    def device_inputs(self, host, mesh):
+        """Host TrainInputs -> the step's global arrays: batch-first, or [chunks, chunk, ...]
+        sharded on axis 1 (each device holds its rows of every chunk)."""
+        if not self.on:
+            return sharding.shard_batch(host, mesh)
+        return sharding.shard_batch(chunked(host, self.chunks), mesh, batch_axis=1)
+
+
+def grad_cache(c, mesh):
+    """(config, GradCache) from train.contrastive_batch and train.chunk (configs/common.py): a
+    non-zero contrastive batch becomes the micro-batch (train.batch_size of the returned copy).
+    Raises naming the key for a combination the cached step cannot run."""
+    t = c.train
+    contrastive = int(t.get("contrastive_batch", 0) or t.batch_size)
+    chunk = int(t.get("chunk", 0) or contrastive)
+    if contrastive < 1 or chunk < 1:
+        raise ValueError(f"train.contrastive_batch={contrastive} and train.chunk={chunk} must be >= 1 (0: the default)")
+    if contrastive % chunk:
+        raise ValueError(f"train.contrastive_batch={contrastive} is not a multiple of train.chunk={chunk}")
+    if chunk < contrastive:
+        try:
+            sharding.batch_sharding(mesh, chunk)
+        except ValueError as e:
+            raise ValueError(f"train.chunk={chunk} must be a multiple of the data-parallel devices: {e}") from e
+        if tuple(c.embed.pack):
+            raise ValueError(f"gradient caching (train.chunk={chunk} < train.contrastive_batch={contrastive}) needs "
+                             f"unpacked paths: set embed.pack=() (it is {tuple(c.embed.pack)})")
+        if jax.process_count() > 1:
+            raise ValueError(f"gradient caching (train.chunk={chunk} < train.contrastive_batch={contrastive}) runs "
+                             f"in one process for now; {jax.process_count()} are running")
+    if contrastive != t.batch_size:
+        c = c.copy_and_resolve_references()
+        c.train.batch_size = contrastive
+    return c, GradCache(contrastive // chunk)
+
+
 def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     """Run the configured training; returns the last logged metrics. ``on_update(update,
     micro_batches)`` is called after every optimizer update (benchmarks sample memory there)."""
@@ -142,6 +194,7 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     if accumulate < 1 or total < 1:
         raise ValueError(f"optim.accumulate={accumulate} and train.steps={total} must be >= 1")
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh.to_dict()))
+    c, cache = grad_cache(c, mesh)
     sharding.batch_sharding(mesh, c.train.batch_size)  # fails early if the batch does not divide
     rows = sharding.process_rows(mesh, c.train.batch_size)
     local_rows = rows[1] - rows[0]
@@ -168,7 +221,8 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     if jax.process_index() == 0:
         print(f"inputs: {pcfg.num_patches} patch rows per clip, captions up to {budget} tokens "
               f"({c.data.on_long_caption} beyond), global micro-batch {c.train.batch_size} x {accumulate} "
-              f"accumulated = {c.train.batch_size * accumulate} per update, {jax.process_count()} process(es)")
+              f"accumulated = {c.train.batch_size * accumulate} per update, {jax.process_count()} process(es)"
+              + (f", gradient caching: {cache.chunks} chunks of {c.train.batch_size // cache.chunks}" if cache.on else ""))
         if pipeline.bad_records:
             bad = pipeline.bad_records
             shown = "; ".join(f"line {b.line}: {b.message}" for b in bad[:5])
@@ -193,7 +247,8 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     def step_fn(params, frozen_state, opt, inputs, micro_index, counter):
         # Adapter dropout of micro-batch m draws from fold_in(key(seed), m): a resumed run draws the same masks.
         key = jax.random.fold_in(jax.random.key(seed), micro_index)
-        return train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt, tx=tx, cfg=step_cfg)
+        return train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt, tx=tx, cfg=step_cfg,
+                          cached=cache.on)
 
     gather = gather_rows if jax.process_count() > 1 else None
     jitted = None
@@ -211,8 +266,9 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
             batch = next(pipeline)
             counter = rotation_count(lcfg, micro, updates)
             host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
-                                text_negative=c.data.text_negative, gather=gather, row_offset=rows[0])
-            inputs = sharding.shard_batch(host, mesh)  # every input leaf is batch-first
+                                text_negative=c.data.text_negative, gather=gather, row_offset=rows[0],
+                                neg_towers=cache.on)
+            inputs = cache.device_inputs(host, mesh)
             if jitted is None:
                 in_sh = jax.tree.map(lambda x: x.sharding, inputs)
                 jitted = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh, replicated, replicated),

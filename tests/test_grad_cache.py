@@ -7,10 +7,14 @@ over ``data.batch.chunked`` inputs (phase 1 embeds without gradient, phase 2 dif
 losses with respect to the embeddings, phase 3 re-embeds and pulls the cached gradient back).
 Tolerances (float32): loss absolute 1e-6, every trainable's gradient 1e-5 relative
 (||a - b|| / ||b||), on one device and on a 2x2x2 mesh.
+The trainer: ``train.contrastive_batch`` 8 in ``train.chunk`` 2 trains through ``train.train`` and
+its first update's loss equals the uncached run's (same seed) within 1e-5; combinations the
+cached step cannot run raise naming the key, before any work.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,8 +24,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omniret_jax import build, sharding
+from omniret_jax import train as trainer
 from omniret_jax.data.batch import build_inputs, chunked
 from omniret_jax.data.random_batch import random_batch
+from omniret_jax.data.synth import SynthSettings, generate
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import lora_modules, trainable_filter
 from omniret_jax.step import StepConfig, cached_loss_and_grads, loss_and_grads
@@ -82,3 +88,59 @@ def test_chunking_rejects_what_it_cannot_split():
                                needed_views(cfg.loss), seed=0)
     with pytest.raises(ValueError, match="neg_towers=True"):
         chunked(layout_only, 4)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+def _train_config(manifest: Path, **train):
+    """Tiny full preset, 2 updates on the 8-clip corpus, mesh data 2 x tensor 4 (2 data-parallel devices)."""
+    c = build.load_config(f"{ROOT}/configs/tiny.py:full", {"train.steps": 2})
+    c.data.manifest = str(manifest)
+    c.train.update(log_every=1, ckpt_every=100, **train)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 4
+    return c
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    generate(str(out), 8, seed=0, settings=SynthSettings(seconds=2.0, size=64), progress=False)
+    return out / "manifest.jsonl"
+
+
+@pytest.mark.slow  # two compiles of the tiny step on 8 virtual devices: ~3 min on a loaded 2-core host
+def test_train_with_gradient_caching_matches_uncached(manifest, tmp_path):
+    """contrastive_batch 8 replaces batch_size 2 as the micro-batch; update 1 (lr 0 under warm-up,
+    so update 2 sees the same parameters) has the one-shot loss."""
+    logs = {}
+    for name, train in (("one-shot", dict(batch_size=8)), ("cached", dict(batch_size=2, contrastive_batch=8, chunk=2))):
+        trainer.train(_train_config(manifest, **train), tmp_path / name)
+        logs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    one, cached = logs["one-shot"], logs["cached"]
+    print("losses one-shot", [round(m["loss"], 7) for m in one], "cached", [round(m["loss"], 7) for m in cached])
+    assert [m["step"] for m in cached] == [1, 2] and all(m["skipped"] == 0 for m in cached)
+    assert cached[0]["examples_per_s"] > 0 and cached[0]["micro_batches"] == 1
+    assert abs(cached[0]["loss"] - one[0]["loss"]) <= 1e-5
+    assert abs(cached[0]["grad_norm"] - one[0]["grad_norm"]) <= 1e-5 * one[0]["grad_norm"]
+
+
+@pytest.mark.parametrize("train, embed, words", [
+    (dict(contrastive_batch=8, chunk=3), {}, ["train.contrastive_batch=8", "train.chunk=3"]),
+    (dict(contrastive_batch=8, chunk=1), {}, ["train.chunk=1", "data-parallel", "data*fsdp = 2*1 = 2"]),
+    (dict(contrastive_batch=8, chunk=2), {"pack": (("T", 4),)}, ["embed.pack=()"]),
+])
+def test_train_rejects_what_caching_cannot_run(tmp_path, train, embed, words):
+    c = _train_config(tmp_path / "absent.jsonl", **train)
+    c.embed.update(embed)
+    with pytest.raises(ValueError) as e:
+        trainer.train(c, tmp_path)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_caching_is_one_process_for_now(monkeypatch):
+    c = _train_config(Path("absent.jsonl"), contrastive_batch=8, chunk=2)
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 1, 4))
+    monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"train\.chunk=2 < train\.contrastive_batch=8.*one process"):
+        trainer.grad_cache(c, mesh)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from omniret_jax.eval import retrieval
@@ -62,3 +63,15 @@ def test_ablations(tmp_path):
     nemotron = json.loads((tmp_path / "ablations" / "runs" / "Nemotron_full" / "eval" / "results.json").read_text())
     assert nemotron["dim"] == 64 and nemotron["step"] == 20
     print("\n".join(line for line in text.splitlines() if line.startswith("| ") or "(1, 1, 1)" in line))
+
+
+@pytest.mark.slow  # three tiny WAVE runs of 384 examples and their evaluations: 20 min on 2 loaded CPU cores
+def test_grad_cache(tmp_path):
+    nb = _execute("grad_cache.ipynb", tmp_path, timeout=2400)
+    text = _text(nb)
+    runs = tmp_path / "grad_cache" / "runs"
+    for b, updates in ((8, 48), (32, 12), (64, 6)):
+        assert f"| {b} | 8 | {updates} | 384 |" in text, b
+        res = json.loads((runs / f"contrastive_{b}" / "eval" / "results.json").read_text())
+        assert list(res["directions"]) == list(retrieval.DIRECTIONS) and res["step"] == updates
+    print("\n".join(line for line in text.splitlines() if line.startswith("| ") or line.startswith("seed ")))

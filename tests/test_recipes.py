@@ -47,6 +47,10 @@ def test_paper_and_released_settings():
     assert (paper.data.text_negative, released.data.text_negative) == ("batch", "dataset")
     assert (paper.optim.decay, released.optim.decay) == ("all", "no_bias_norm")
     assert build.load_config(f"{B7}:released,pairwise").loss.preset == "pairwise"
+    cached = build.load_config(f"{B7}:released,cached")
+    assert (cached.train.contrastive_batch, cached.train.chunk, cached.optim.accumulate) == (256, 32, 1)
+    assert cached.train.steps == released.train.steps == 2798
+    assert (cached.loss.recipe, cached.embed.pack) == ("released", ())
     with pytest.raises(ValueError, match="neither a recipe"):
         build.load_config(f"{B7}:relased")
 
