@@ -13,6 +13,9 @@ random batch in DataPipeline's format, or the synthetic corpus for train().
 - Bad input: batch of 1 with L_T, mesh/batch mismatches, unknown CLI config key.
 - Resume: step 2 of an uninterrupted run, continued by train() in a fresh workdir, ends bitwise
   equal at step 4; slow: SIGTERM mid-run, then continue; CLI smoke (pairwise preset).
+- The asynchronous loop (train.prefetch > 0, the default): the producer's order, exceptions (with
+  the producer's frames) and shutdown; reads back two values per logged update, none per
+  micro-batch; slow: bitwise the same run as train.prefetch=0 through a late-found NaN (rewind).
 """
 
 from __future__ import annotations
@@ -495,23 +498,34 @@ def _spy(calls: list):
     return build
 
 
+def _counting(reads: list):
+    """trainer._fetch (the loop's only device-to-host reads), counted."""
+    fetch = trainer._fetch
+
+    def counted(tree):
+        reads.append(1)
+        return fetch(tree)
+    return counted
+
+
 @pytest.fixture(scope="module")
 def accumulated(manifest, tmp_path_factory):
-    """An uninterrupted run of 3 updates x 2 micro-batches, saving every update."""
+    """An uninterrupted run of 3 updates x 2 micro-batches, saving every update; its reads counted."""
     c = _accumulating_config(manifest)
     c.train.ckpt_every = 1
-    workdir, calls = tmp_path_factory.mktemp("accumulated"), []
+    workdir, calls, reads = tmp_path_factory.mktemp("accumulated"), [], []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "build_inputs", _spy(calls))
+        mp.setattr(trainer, "_fetch", _counting(reads))
         trainer.train(c, workdir)
-    return workdir, calls
+    return workdir, calls, len(reads)
 
 
 def test_steps_count_updates_and_metrics_log_the_lr(manifest, accumulated):
     from omniret_jax.step import lr_schedule
 
     c = _accumulating_config(manifest)
-    workdir, calls = accumulated
+    workdir, calls, reads = accumulated
     logged = _metrics(workdir)
     schedule = lr_schedule(lr=c.optim.lr, total_updates=3, warmup_ratio=c.optim.warmup_ratio)
     assert [(m["step"], m["micro_batches"]) for m in logged] == [(1, 2.0), (2, 4.0), (3, 6.0)]
@@ -519,6 +533,8 @@ def test_steps_count_updates_and_metrics_log_the_lr(manifest, accumulated):
     assert logged[0]["lr"] == 0.0 and logged[1]["lr"] == np.float32(c.optim.lr) and logged[-1]["lr"] == 0.0
     assert calls == [(m, m // 2) for m in range(6)]  # paper: the slot cycles with the update
     assert _saved_steps(workdir) == [1, 2, 3]
+    # One read of the non-finite flag and one of the metrics per logged update, none per micro-batch.
+    assert reads == 2 * 3, reads
     print(f"accumulate 2: lr per update {[m['lr'] for m in logged]}, losses {[round(m['loss'], 5) for m in logged]}")
 
 
@@ -529,7 +545,7 @@ def test_resume_mid_accumulation_is_bitwise(manifest, accumulated, tmp_path, mon
     synchronously, resumed asynchronously, as above)."""
     c = _accumulating_config(manifest)
     c.train.prefetch = 0
-    straight, _ = accumulated
+    straight, _, _ = accumulated
     calls: list = []
 
     def stop_in_micro_batch_2(batch, step, *args, **kwargs):
@@ -590,20 +606,15 @@ def test_train_raises_the_producers_exception(manifest, tmp_path, monkeypatch):
 _TIMES = ("step_time_s", "examples_per_s", "host_s", "device_s")
 
 
+@pytest.mark.slow
 def test_async_loop_equals_synchronous_and_reads_only_at_logs(manifest, tmp_path, monkeypatch):
     """3 updates x 2 micro-batches, a log at the end only, micro-batch 1 non-finite. Synchronous
     (prefetch 0) and asynchronous runs: the same metrics, the same saved state and pipeline state,
     bitwise. The asynchronous run finds the NaN at the end, rewinds to micro-batch 2 and reads 5
     times in all (the NaN's flag and loss, one read after the rewind, the end's flag and metrics);
     the synchronous one reads every micro-batch."""
-    fetched = []
-
-    def counting(tree):
-        fetched.append(1)
-        return fetch(tree)
-
-    fetch = trainer._fetch
-    monkeypatch.setattr(trainer, "_fetch", counting)
+    fetched: list = []
+    monkeypatch.setattr(trainer, "_fetch", _counting(fetched))
     monkeypatch.setattr(trainer, "build_inputs", _poison({1}))
     runs = {}
     for depth in (2, 0):
