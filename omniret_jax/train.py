@@ -274,7 +274,8 @@ class _Producer:
 
 def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     """Run the configured training; returns the last logged metrics. ``on_update(update,
-    micro_batches)`` is called after every optimizer update (benchmarks sample memory there)."""
+    micro_batches)`` is called after every optimizer update is dispatched (again for an update a
+    rewind repeats; benchmarks sample memory there)."""
     dc = c.distributed
     sharding.initialize_distributed(dc.coordinator_address or None, dc.num_processes or None,
                                     None if dc.process_id < 0 else dc.process_id)
