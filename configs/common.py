@@ -74,8 +74,13 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         decay="all",                # weight decay on "all" trainables or "no_bias_norm"
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # steps, log_every, ckpt_every count optimizer updates; batch_size is the global micro-batch
-    # (an update sees batch_size x optim.accumulate samples); max_nonfinite counts micro-batches.
+    # steps, log_every, ckpt_every, stop_every count optimizer updates; batch_size is the global
+    # micro-batch (an update sees batch_size x optim.accumulate samples); max_nonfinite counts
+    # micro-batches. prefetch: micro-batches a producer thread reads, lays out and places on the
+    # devices ahead of the running step, metrics read back only at log / checkpoint / stop (0: the
+    # synchronous loop, every micro-batch built, run and read in turn; the same run bitwise). With
+    # data.num_workers=0 the thread decodes, where the pipeline's per-sample timer cannot run.
+    # stop_every: updates between polls of the stop signal (SIGTERM), agreed by all processes.
     # Gradient caching (omniret_jax.step.cached_loss_and_grads): contrastive_batch is the global
     # examples that are each other's negatives, chunk the global examples one forward/backward
     # holds in memory. 0 = no caching: contrastive_batch = batch_size, chunk = contrastive_batch.
@@ -85,7 +90,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
     # embed.pack = () and one process when chunk < contrastive_batch.
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=8, seed=0, log_every=10, ckpt_every=500, keep=3, max_nonfinite=10,
-        contrastive_batch=0, chunk=0,
+        prefetch=2, stop_every=10, contrastive_batch=0, chunk=0,
     ))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c

@@ -5,7 +5,7 @@ model with LoRA, split once into trainable / frozen state placed on the mesh; th
 micro-batch: host-side token layout -> jitted pure step -> and at each optimizer update
 (``optim.accumulate`` micro-batches) metrics (progress bar, JSONL, TensorBoard) and
 checkpoint. Resumes from the newest good checkpoint in the workdir; SIGTERM saves at the next
-update and exits 0.
+poll (every ``train.stop_every`` updates) and exits 0.
 
 Counting: ``train.steps``, ``log_every`` and ``ckpt_every`` count optimizer updates (the
 learning-rate schedule's unit); the loop runs ``steps x accumulate`` micro-batches of
@@ -17,20 +17,36 @@ Gradient caching (``train.contrastive_batch`` > ``train.chunk``, ``grad_cache``)
 is the contrastive batch, every example the others' negative, embedded chunk by chunk
 (``step.cached_loss_and_grads``) with the activation memory of one chunk.
 
+Asynchronous (``train.prefetch`` > 0): a producer thread reads, lays out and places micro-batch
+n+1 (up to ``prefetch`` ahead) while step n runs, and the host reads nothing back per step:
+the step's metrics stay on the device until a log, checkpoint, stop or the last update. What
+a micro-batch's layout needs from the past (the update count the paper's hard-negative slot
+cycles with) is laid out assuming every earlier micro-batch finite; the step carries on the
+device the index of the first non-finite micro-batch since the last read, and every later step
+changes nothing. A read that finds one rewinds there: the pipeline goes back to the state saved
+with that batch and the loop continues exactly as the synchronous loop (``prefetch=0``: build,
+step, read, every micro-batch) would have, so both give bitwise the same run.
+
 Several processes (``--config.distributed.*``, or a cluster jax.distributed detects): each
 reads its rows of every global batch, lays them out, and exchanges the small per-row metadata
-the hard negatives need; the arrays on the devices are global, so the step is the same program
-as on one process with as many devices.
+the hard negatives need through jax.distributed's key-value store; the arrays on the devices
+are global, so the step is the same program as on one process with as many devices.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import io
 import json
+import queue
+import statistics
+import threading
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.sharding import NamedSharding, PartitionSpec
@@ -106,11 +122,11 @@ class MetricsWriter:
             self.tb.close()
 
 
-def _host_scalars(metrics) -> dict[str, float]:
-    """Replicated scalar metrics as Python floats, read from this process's own copy (works
-    with several processes, where a global array cannot be fetched whole)."""
-    local = jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()})  # one transfer
-    return {k: float(v) for k, v in local.items()}
+def _fetch(tree):
+    """Replicated device values as host NumPy, read from this process's own copy (works with
+    several processes, where a global array cannot be fetched whole): one ``device_get``, the
+    loop's only device-to-host reads."""
+    return jax.device_get(jax.tree.map(lambda v: v.addressable_data(0), tree))
 
 
 def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
@@ -119,11 +135,145 @@ def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
     return micro_batch if loss_cfg.counter == "micro_batch" else update
 
 
-def gather_rows(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every process's per-row metadata, concatenated in process order (= global row order)."""
-    from jax.experimental import multihost_utils
+class RowExchange:
+    """Every process's per-row metadata (the hard negatives') through jax.distributed's key-value
+    store rather than a device collective: the producer thread lays batches out while the main
+    thread's step runs, and collectives must not be issued from two threads at once."""
 
-    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(meta, tiled=True).items()}
+    def __init__(self, lag: int, timeout_s: float = 600.0):
+        from jax._src import distributed
+
+        self._client = distributed.global_state.client
+        self._me, self._count = jax.process_index(), jax.process_count()
+        self._lag, self._timeout_s = lag, timeout_s
+
+    def gather(self, micro: int, stop: threading.Event | None = None):
+        """``build_inputs``' ``gather`` of micro-batch ``micro``: the dict over the global batch,
+        every process's rows in process order (= global row order). Set ``stop`` to give up."""
+        def gather(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            buf = io.BytesIO()
+            np.savez(buf, **meta)
+            # A rewound loop lays the same micro-batch out again: the same rows, the same bytes.
+            self._client.key_value_set_bytes(self._key(micro, self._me), buf.getvalue(), allow_overwrite=True)
+            parts = [self._get(self._key(micro, p), stop) for p in range(self._count)]
+            if micro >= self._lag:
+                # Every process has read it by now: each step is a collective over all processes and
+                # neither a producer nor the device runs more than lag micro-batches ahead of a step.
+                self._client.key_value_delete(self._key(micro - self._lag, self._me))
+            return {k: np.concatenate([p[k] for p in parts]) for k in meta}
+
+        return gather
+
+    @staticmethod
+    def _key(micro: int, process: int) -> str:
+        return f"omniret_jax/rows/{micro}/{process}"
+
+    def _get(self, key: str, stop: threading.Event | None) -> dict[str, np.ndarray]:
+        deadline = time.monotonic() + self._timeout_s
+        while True:  # short waits, so that a producer being closed is not stuck here
+            try:
+                return dict(np.load(io.BytesIO(self._client.blocking_key_value_get_bytes(key, 200))))
+            except jax.errors.JaxRuntimeError as e:
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+            if stop is not None and stop.is_set():
+                raise _Stopped()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no row metadata {key!r} from another process within {self._timeout_s:.0f} s")
+
+
+class _Stopped(Exception):
+    """The producer was closed while it waited."""
+
+
+@dataclasses.dataclass
+class _Item:
+    """One micro-batch ready for the step."""
+    micro: int
+    counter: int
+    inputs: object       # TrainInputs, placed on the mesh
+    data_state: dict     # pipeline state after this batch and the micro-batch count: what a checkpoint saves
+    host_s: float        # pipeline + layout + transfer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tally:
+    """Where the loop stands: updates done, micro-batches consumed, the (device) metrics of the
+    update in progress and of the one just completed, non-finite micro-batches in a row and
+    since the last log."""
+    updates: int
+    micro: int
+    group: tuple = ()
+    closed: tuple = ()
+    bad_run: int = 0
+    skipped: int = 0
+
+    def finite(self, metrics, accumulate: int) -> _Tally:
+        group = self.group + (metrics,)
+        done = len(group) == accumulate
+        return dataclasses.replace(self, updates=self.updates + done, micro=self.micro + 1,
+                                   group=() if done else group, closed=group if done else (), bad_run=0)
+
+    def nonfinite(self) -> _Tally:
+        return dataclasses.replace(self, micro=self.micro + 1, closed=(), bad_run=self.bad_run + 1,
+                                   skipped=self.skipped + 1)
+
+
+def _schedule(tally: _Tally, accumulate: int, total: int):
+    """(micro-batch, updates done before it) from ``tally`` on, every micro-batch assumed finite."""
+    micro, updates, in_group = tally.micro, tally.updates, len(tally.group)
+    while updates < total:
+        yield micro, updates
+        micro, in_group = micro + 1, in_group + 1
+        if in_group == accumulate:
+            updates, in_group = updates + 1, 0
+
+
+class _Producer:
+    """Micro-batches ``make(micro, updates, stop)`` in ``_schedule`` order. ``depth`` > 0: a thread
+    builds them up to ``depth`` ahead of ``get`` (its exceptions are raised by ``get``, with their
+    traceback); 0: ``get`` builds each one."""
+
+    def __init__(self, make, tally: _Tally, accumulate: int, total: int, depth: int):
+        self._make, self._depth = make, depth
+        self._plan = _schedule(tally, accumulate, total)
+        self._stop = threading.Event()
+        if depth:
+            self._queue: queue.Queue = queue.Queue(depth)
+            self._thread = threading.Thread(target=self._run, name="omniret-input", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for micro, updates in self._plan:
+                if not self._put(self._make(micro, updates, self._stop)):
+                    return
+        except BaseException as e:  # noqa: BLE001 -- handed to the main thread
+            if not self._stop.is_set():
+                self._put(e)
+
+    def _put(self, x) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get(self) -> _Item:
+        if not self._depth:
+            return self._make(*next(self._plan), None)
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (it finishes the batch in hand) and drops what it had ready."""
+        if self._depth:
+            self._stop.set()
+            self._thread.join()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +325,8 @@ def grad_cache(c, mesh):
 
 def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     """Run the configured training; returns the last logged metrics. ``on_update(update,
-    micro_batches)`` is called after every optimizer update (benchmarks sample memory there)."""
+    micro_batches)`` is called after every optimizer update is dispatched (again for an update a
+    rewind repeats; benchmarks sample memory there)."""
     dc = c.distributed
     sharding.initialize_distributed(dc.coordinator_address or None, dc.num_processes or None,
                                     None if dc.process_id < 0 else dc.process_id)
@@ -193,6 +344,9 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     accumulate, total = int(c.optim.accumulate), int(c.train.steps)
     if accumulate < 1 or total < 1:
         raise ValueError(f"optim.accumulate={accumulate} and train.steps={total} must be >= 1")
+    depth, stop_every = int(c.train.prefetch), int(c.train.stop_every)
+    if depth < 0 or stop_every < 1:
+        raise ValueError(f"train.prefetch={depth} must be >= 0 and train.stop_every={stop_every} >= 1")
     mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh.to_dict()))
     c, cache = grad_cache(c, mesh)
     sharding.batch_sharding(mesh, c.train.batch_size)  # fails early if the batch does not divide
@@ -244,90 +398,144 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     step_cfg = StepConfig(ecfg=ecfg, loss=lcfg)
     seed = int(c.train.seed)
 
-    def step_fn(params, frozen_state, opt, inputs, micro_index, counter):
+    def step_fn(params, frozen_state, opt, inputs, micro_index, counter, bad):
         # Adapter dropout of micro-batch m draws from fold_in(key(seed), m): a resumed run draws the same masks.
         key = jax.random.fold_in(jax.random.key(seed), micro_index)
-        return train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt, tx=tx, cfg=step_cfg,
-                          cached=cache.on)
+        new_params, new_opt, metrics = train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt,
+                                                  tx=tx, cfg=step_cfg, cached=cache.on)
+        # bad: the first non-finite micro-batch since the host last read (-1: none). The loop rewinds
+        # to it, so a later step (laid out assuming it finite) must change nothing.
+        stale = bad >= 0
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(stale, o, n), new, old)  # noqa: E731
+        bad = jnp.where(stale, bad, jnp.where(metrics["skipped"] > 0, micro_index, -1))
+        return keep(new_params, params), keep(new_opt, opt), metrics, bad
 
-    gather = gather_rows if jax.process_count() > 1 else None
+    exchange = RowExchange(lag=depth + 8) if jax.process_count() > 1 else None
+
+    def make_item(micro: int, updates_done: int, stop) -> _Item:
+        t0 = time.perf_counter()
+        batch = next(pipeline)
+        data_state = {"pipeline": pipeline.get_state(), "micro_batches": micro + 1}
+        counter = rotation_count(lcfg, micro, updates_done)
+        host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
+                            text_negative=c.data.text_negative, row_offset=rows[0],
+                            gather=None if exchange is None else exchange.gather(micro, stop), neg_towers=cache.on)
+        inputs = cache.device_inputs(host, mesh)
+        return _Item(micro, counter, inputs, data_state, time.perf_counter() - t0)
+
+    def no_bad():
+        return sharding.replicated(np.int32(-1), mesh)
+
     jitted = None
     writer = MetricsWriter(workdir)
     last: dict[str, float] = {}
-    group: list[dict[str, float]] = []      # metrics of the micro-batches of the update in progress
-    consecutive_bad = skipped_since_log = 0
+    tally = _Tally(updates, micro)
     window: list[float] = []                # seconds per update since the last log
-    t_update = 0.0
+    host_s: list[float] = []                # producer seconds per micro-batch since the last log
+    device_s: list[float] = []              # seconds of a step started on an idle device, since the last log
     bar = tqdm(total=total, initial=updates, desc="train", unit="update", disable=jax.process_index() != 0)
-    summary = None
+    summary_state = None
+    producer = _Producer(make_item, tally, accumulate, total, depth)
     try:
-        while updates < total:
-            t0 = time.perf_counter()
-            batch = next(pipeline)
-            counter = rotation_count(lcfg, micro, updates)
-            host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
-                                text_negative=c.data.text_negative, gather=gather, row_offset=rows[0],
-                                neg_towers=cache.on)
-            inputs = cache.device_inputs(host, mesh)
+        bad = no_bad()
+        # Dispatched since the last read: (tally before it, micro-batch, data state, metrics).
+        pending: list[tuple[_Tally, int, dict, dict]] = []
+        in_flight: collections.deque = collections.deque()
+        idle, read_next, stopping = True, False, False
+        t_mark = time.perf_counter()
+        while tally.updates < total:
+            item = producer.get()
+            host_s.append(item.host_s)
+            timed = idle and jitted is not None    # (the first call compiles)
             if jitted is None:
-                in_sh = jax.tree.map(lambda x: x.sharding, inputs)
-                jitted = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh, replicated, replicated),
-                                 out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 2))
-            trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, inputs,
-                                                   sharding.replicated(np.int32(micro), mesh),
-                                                   sharding.replicated(np.int32(counter), mesh))
-            del batch, host, inputs
-            m = _host_scalars(metrics)
-            micro += 1
-            t_update += time.perf_counter() - t0
-            if m["skipped"]:
-                consecutive_bad += 1
-                skipped_since_log += 1
-                logging.warning("micro-batch %d (update %d): non-finite loss %s or gradient; skipped", micro - 1,
-                                updates, m["loss"])
-                if consecutive_bad > c.train.max_nonfinite:
+                in_sh = jax.tree.map(lambda x: x.sharding, item.inputs)
+                jitted = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh) + (replicated,) * 3,
+                                 out_shardings=(param_sh, opt_sh, replicated, replicated), donate_argnums=(0, 2))
+            t0 = time.perf_counter()
+            trainable, opt_state, metrics, bad = jitted(trainable, frozen, opt_state, item.inputs,
+                                                        sharding.replicated(np.int32(item.micro), mesh),
+                                                        sharding.replicated(np.int32(item.counter), mesh), bad)
+            if timed:
+                bad.block_until_ready()   # a wait, not a transfer
+                device_s.append(time.perf_counter() - t0)
+            idle = False
+            in_flight.append(bad)
+            if len(in_flight) > 2:        # at most two steps queued behind the running one
+                in_flight.popleft().block_until_ready()
+            pending.append((tally, item.micro, item.data_state, metrics))
+            tally = tally.finite(metrics, accumulate)   # until a read says otherwise
+            done = bool(tally.closed)
+            if done:
+                now = time.perf_counter()
+                window.append(now - t_mark)
+                t_mark = now
+                bar.update(1)
+                if on_update is not None:
+                    on_update(tally.updates, tally.micro)
+            log = done and (tally.updates % c.train.log_every == 0 or tally.updates == total)
+            save = done and (tally.updates == total or ckpt.should_save(tally.updates))
+            stop = done and (stopping or tally.updates % stop_every == 0) and ckpt.should_stop()
+            if not (depth == 0 or read_next or log or save or stop):
+                continue
+            # ---- read: every micro-batch since the last read finite?
+            first_bad = int(_fetch(bad))
+            idle, read_next = True, False
+            in_flight.clear()
+            if first_bad >= 0:
+                before, _, bad_state, bad_metrics = pending[first_bad - pending[0][1]]
+                tally = before.nonfinite()
+                logging.warning("micro-batch %d (update %d): non-finite loss %s or gradient; skipped", first_bad,
+                                tally.updates, float(_fetch(bad_metrics["loss"])))
+                if tally.bad_run > c.train.max_nonfinite:
                     raise FloatingPointError(
-                        f"{consecutive_bad} consecutive steps with non-finite loss or gradients (limit "
+                        f"{tally.bad_run} consecutive steps with non-finite loss or gradients (limit "
                         f"train.max_nonfinite={c.train.max_nonfinite}); stopping without saving the diverged state")
+                # Rewind to just after it: what was laid out since assumed it finite.
+                producer.close()
+                if depth:
+                    pipeline.set_state(bad_state["pipeline"])
+                producer = _Producer(make_item, tally, accumulate, total, depth)
+                summary_state = bad_state["pipeline"]
+                pending.clear()
+                bad, read_next, stopping = no_bad(), True, stopping or stop
+                bar.n = tally.updates
+                bar.refresh()
                 continue
-            consecutive_bad = 0
-            group.append(m)
-            if len(group) < accumulate:
+            pending.clear()
+            summary_state = item.data_state["pipeline"]
+            if not done:
                 continue
-            # ---- one optimizer update is complete
-            lr = float(schedule(updates))
-            updates += 1
-            window.append(t_update)
-            t_update = 0.0
-            bar.update(1)
-            if updates % c.train.log_every == 0 or updates == total:
+            # ---- one optimizer update is complete, and every micro-batch before it is confirmed
+            if log:
                 dt = float(np.median(window))
-                last = {k: float(np.mean([g[k] for g in group])) for k in group[0]}
-                last.update(skipped=float(skipped_since_log), lr=lr, micro_batches=float(micro), step_time_s=dt,
-                            examples_per_s=c.train.batch_size * accumulate / dt, **pipeline.summary().metrics())
-                writer.write(updates, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", step_s=f"{dt:.2f}")
+                values = _fetch(list(tally.closed))   # the update's metrics, one transfer
+                last = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+                last.update(skipped=float(tally.skipped), lr=float(schedule(tally.updates - 1)),
+                            micro_batches=float(tally.micro), step_time_s=dt,
+                            examples_per_s=c.train.batch_size * accumulate / dt, host_s=statistics.median(host_s),
+                            **({"device_s": statistics.median(device_s)} if device_s else {}),
+                            **pipeline.summary(summary_state).metrics())
+                writer.write(tally.updates, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", step_s=f"{dt:.2f}")
                 window.clear()
-                skipped_since_log = 0
-            group.clear()
-            if on_update is not None:
-                on_update(updates, micro)
-            data_state = {"pipeline": pipeline.get_state(), "micro_batches": micro}
-            ckpt.save(updates, trainable, opt_state, rng=jax.random.key(seed), data_state=data_state,
-                      metrics=last, force=updates == total)
-            if ckpt.should_stop():
-                ckpt.save(updates, trainable, opt_state, rng=jax.random.key(seed), data_state=data_state,
-                          metrics=last, force=True)
+                host_s.clear()
+                device_s.clear()
+                tally = dataclasses.replace(tally, skipped=0)
+            if save or stop:
+                ckpt.save(tally.updates, trainable, opt_state, rng=jax.random.key(seed), data_state=item.data_state,
+                          metrics=last, force=tally.updates == total or stop)
+            if stop:
                 if jax.process_index() == 0:
-                    print(f"stop requested: saved update {updates}, exiting")
+                    print(f"stop requested: saved update {tally.updates}, exiting")
                 break
-        summary = pipeline.summary()
+        summary = pipeline.summary(summary_state)
     finally:
+        producer.close()
         bar.close()
         writer.close()
         ckpt.close()
         pipeline.close()
-    if summary is not None and summary.metrics() and jax.process_index() == 0:
+    if summary.metrics() and jax.process_index() == 0:
         print(f"data summary (process 0's rows): {summary}")
     return last
 

@@ -5,7 +5,8 @@
 Starts jax.distributed on 127.0.0.1:PORT (2 processes, CPU collectives, the device count from
 XLA_FLAGS), then writes OUT_DIR/p<PROCESS_ID>.npz with what this process computes for the tiny
 config on a data=8 mesh: its batch rows, its pipeline rows of 3 global batches, the host inputs
-of those micro-batches built with the exchanged row metadata (hard negatives of every slot), and
+of those micro-batches built with the row metadata exchanged through jax.distributed's key-value
+store (the trainer's RowExchange; hard negatives of every slot), and
 device results that need the other process's rows (a cross-process row gather, a replicated
 placement). ``reference(manifest)`` computes the same in one process for the comparison.
 """
@@ -38,9 +39,10 @@ def _flatten(prefix: str, tree, out: dict) -> None:
         out[prefix + jax.tree_util.keystr(path, simple=True, separator=".")] = np.asarray(leaf)
 
 
-def compute(manifest: str, *, gather=None) -> dict[str, np.ndarray]:
+def compute(manifest: str, *, gather_for=None) -> dict[str, np.ndarray]:
     """This process's share (every row when alone) of the pipeline and host-input arrays, plus
-    device results read back from this process's shards."""
+    device results read back from this process's shards. ``gather_for(k)``: the row exchange of
+    micro-batch k (the trainer's ``RowExchange.gather``)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
@@ -68,7 +70,7 @@ def compute(manifest: str, *, gather=None) -> dict[str, np.ndarray]:
                 out[f"b{k}.{key}"] = batch[key]
             out[f"b{k}.aug.video_patches"] = batch["aug"]["video_patches"]
             host = build_inputs(batch, k, model_cfg, tokens, ecfg, plan, seed=c.train.seed, counter=k,
-                                gather=gather, row_offset=rows[0])
+                                gather=None if gather_for is None else gather_for(k), row_offset=rows[0])
             _flatten(f"b{k}.neg.", host.neg, out)
             out[f"b{k}.neg_rows"] = host.neg_rows
             _flatten(f"b{k}.TVA.", host.anchor.paths["TVA"], out)
@@ -91,10 +93,10 @@ def compute(manifest: str, *, gather=None) -> dict[str, np.ndarray]:
 def main(argv) -> None:
     port, process_id, out_dir, manifest = argv[1:5]
     from omniret_jax import sharding
-    from omniret_jax.train import gather_rows
+    from omniret_jax.train import RowExchange
 
     sharding.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
-    result = compute(manifest, gather=gather_rows)
+    result = compute(manifest, gather_for=RowExchange(lag=BATCHES).gather)
     np.savez(Path(out_dir) / f"p{process_id}.npz", **result)
     print(f"process {process_id}: rows {result['rows'].tolist()}, wrote {len(result)} arrays")
 

@@ -13,6 +13,9 @@ random batch in DataPipeline's format, or the synthetic corpus for train().
 - Bad input: batch of 1 with L_T, mesh/batch mismatches, unknown CLI config key.
 - Resume: step 2 of an uninterrupted run, continued by train() in a fresh workdir, ends bitwise
   equal at step 4; slow: SIGTERM mid-run, then continue; CLI smoke (pairwise preset).
+- The asynchronous loop (train.prefetch > 0, the default): the producer's order, exceptions (with
+  the producer's frames) and shutdown; reads back two values per logged update, none per
+  micro-batch; slow: bitwise the same run as train.prefetch=0 through a late-found NaN (rewind).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -258,10 +262,10 @@ def manifest(tmp_path_factory) -> Path:
 
 
 def _train_config(manifest: Path):
-    """_config() on the 8-clip corpus: batch 8 on a 2x2x2 mesh, a metrics line every step."""
+    """_config() on the 8-clip corpus: batch 8 on a 2x2x2 mesh, a metrics line and a stop poll every step."""
     c = _config()
     c.data.manifest = str(manifest)
-    c.train.batch_size, c.train.log_every, c.train.ckpt_every = B, 1, 100
+    c.train.batch_size, c.train.log_every, c.train.ckpt_every, c.train.stop_every = B, 1, 100, 1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     return c
 
@@ -280,13 +284,18 @@ def _poison(steps: set[int]):
     return build
 
 
-def _restore(c, workdir: Path, step: int):
-    """Host (trainables, optimizer state) of a saved step, restored into trees built like train.py's."""
+def _restored(c, workdir: Path, step: int):
+    """A saved step, restored into trees built like train.py's."""
     model, wrt = _lora_model(c, nonzero_b=False)
     _, trainable, _ = build.split_state(model, build.lora_config(c), build.precision(c))
     opt = jax.jit(build.optimizer(c).init)(trainable)
     with TrainCheckpointer(workdir / "checkpoints") as ckpt:
-        r = ckpt.restore(step, trainable, opt)
+        return ckpt.restore(step, trainable, opt)
+
+
+def _restore(c, workdir: Path, step: int):
+    """Host (trainables, optimizer state) of a saved step."""
+    r = _restored(c, workdir, step)
     return _flat(r.trainables), _flat(r.opt_state)
 
 
@@ -333,8 +342,11 @@ def test_resume_is_bitwise(manifest, straight, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monkeypatch):
-    """SIGTERM during step 1: train() saves step 2 and returns; a second train() finishes the run."""
+    """SIGTERM during step 1: train() saves step 2 and returns; a second train() finishes the run.
+    The interrupted run is synchronous (train.prefetch=0: the producer thread would lay step 1 out,
+    and send the signal, while step 0 runs); the resumed one asynchronous."""
     c = _train_config(manifest)
+    c.train.prefetch = 0
 
     def stop_during_step_1(batch, step, *args, **kwargs):
         if step == 1:
@@ -346,6 +358,7 @@ def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monk
     trainer.train(c, tmp_path)
     assert _saved_steps(tmp_path) == [2]
     monkeypatch.setattr(trainer, "build_inputs", batch_mod.build_inputs)
+    c.train.prefetch = 2
     trainer.train(c, tmp_path)
     assert _saved_steps(tmp_path) == [2, 4]
     a, b = _metrics(straight), _metrics(tmp_path)
@@ -479,23 +492,34 @@ def _spy(calls: list):
     return build
 
 
+def _counting(reads: list):
+    """trainer._fetch (the loop's only device-to-host reads), counted."""
+    fetch = trainer._fetch
+
+    def counted(tree):
+        reads.append(1)
+        return fetch(tree)
+    return counted
+
+
 @pytest.fixture(scope="module")
 def accumulated(manifest, tmp_path_factory):
-    """An uninterrupted run of 3 updates x 2 micro-batches, saving every update."""
+    """An uninterrupted run of 3 updates x 2 micro-batches, saving every update; its reads counted."""
     c = _accumulating_config(manifest)
     c.train.ckpt_every = 1
-    workdir, calls = tmp_path_factory.mktemp("accumulated"), []
+    workdir, calls, reads = tmp_path_factory.mktemp("accumulated"), [], []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "build_inputs", _spy(calls))
+        mp.setattr(trainer, "_fetch", _counting(reads))
         trainer.train(c, workdir)
-    return workdir, calls
+    return workdir, calls, len(reads)
 
 
 def test_steps_count_updates_and_metrics_log_the_lr(manifest, accumulated):
     from omniret_jax.step import lr_schedule
 
     c = _accumulating_config(manifest)
-    workdir, calls = accumulated
+    workdir, calls, reads = accumulated
     logged = _metrics(workdir)
     schedule = lr_schedule(lr=c.optim.lr, total_updates=3, warmup_ratio=c.optim.warmup_ratio)
     assert [(m["step"], m["micro_batches"]) for m in logged] == [(1, 2.0), (2, 4.0), (3, 6.0)]
@@ -503,15 +527,19 @@ def test_steps_count_updates_and_metrics_log_the_lr(manifest, accumulated):
     assert logged[0]["lr"] == 0.0 and logged[1]["lr"] == np.float32(c.optim.lr) and logged[-1]["lr"] == 0.0
     assert calls == [(m, m // 2) for m in range(6)]  # paper: the slot cycles with the update
     assert _saved_steps(workdir) == [1, 2, 3]
+    # One read of the non-finite flag and one of the metrics per logged update, none per micro-batch.
+    assert reads == 2 * 3, reads
     print(f"accumulate 2: lr per update {[m['lr'] for m in logged]}, losses {[round(m['loss'], 5) for m in logged]}")
 
 
 @pytest.mark.slow
 def test_resume_mid_accumulation_is_bitwise(manifest, accumulated, tmp_path, monkeypatch):
     """SIGTERM during micro-batch 2 (the first of update 2): the run finishes that update, saves it
-    and stops; resumed, it trains update 3 bitwise equal to the uninterrupted run."""
+    and stops; resumed, it trains update 3 bitwise equal to the uninterrupted run (interrupted
+    synchronously, resumed asynchronously, as above)."""
     c = _accumulating_config(manifest)
-    straight, _ = accumulated
+    c.train.prefetch = 0
+    straight, _, _ = accumulated
     calls: list = []
 
     def stop_in_micro_batch_2(batch, step, *args, **kwargs):
@@ -523,6 +551,7 @@ def test_resume_mid_accumulation_is_bitwise(manifest, accumulated, tmp_path, mon
     trainer.train(c, tmp_path)
     assert _saved_steps(tmp_path) == [2] and [m for m, _ in calls] == [0, 1, 2, 3]
     monkeypatch.setattr(trainer, "build_inputs", _spy(calls))
+    c.train.prefetch = 2
     trainer.train(c, tmp_path)
     assert _saved_steps(tmp_path) == [2, 3] and calls == [(m, m // 2) for m in range(6)]
     a, b = _metrics(straight), _metrics(tmp_path)
@@ -530,3 +559,69 @@ def test_resume_mid_accumulation_is_bitwise(manifest, accumulated, tmp_path, mon
     n = _assert_same_state(c, straight, tmp_path, 3)
     print(f"SIGTERM in micro-batch 2 of 6 (accumulate 2): {n} trainable leaves and the optimizer state (with its "
           "gradient accumulator) bitwise equal at update 3")
+
+
+# ----------------------------------------------------------------------------- the asynchronous loop
+
+def test_schedule_lays_out_from_the_loops_position():
+    """From update 1, micro-batch 3, one micro-batch of update 2 done (accumulate 2, 3 updates):
+    micro-batches 3, 4, 5 with 1, 2, 2 updates done before them, and nothing past the last update."""
+    assert list(trainer._schedule(trainer._Tally(1, 3, group=({},)), 2, 3)) == [(3, 1), (4, 2), (5, 2)]
+
+
+def test_producer_keeps_order_raises_with_traceback_and_closes():
+    def make(micro, updates, stop):
+        if micro == 3:
+            raise KeyError("layout of micro-batch 3")
+        return trainer._Item(micro, updates, None, {}, 0.0)
+
+    p = trainer._Producer(make, trainer._Tally(0, 0), 1, 10, depth=2)
+    assert [p.get().micro for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError, match="micro-batch 3") as e:
+        p.get()
+    assert any(entry.name == "make" for entry in e.traceback), "the producer's frames are lost"
+    p.close()
+    p = trainer._Producer(make, trainer._Tally(0, 0), 1, 3, depth=2)  # closed with its queue full
+    p.close()
+    assert not [t for t in threading.enumerate() if t.name == "omniret-input"]
+
+
+def test_train_raises_the_producers_exception(manifest, tmp_path, monkeypatch):
+    def broken(batch, step, *args, **kwargs):
+        raise RuntimeError(f"cannot lay out micro-batch {step}")
+
+    monkeypatch.setattr(trainer, "build_inputs", broken)
+    with pytest.raises(RuntimeError, match="cannot lay out micro-batch 0") as e:
+        trainer.train(_train_config(manifest), tmp_path)
+    assert any(entry.name == "broken" for entry in e.traceback)
+    assert not [t for t in threading.enumerate() if t.name == "omniret-input"]
+
+
+_TIMES = ("step_time_s", "examples_per_s", "host_s", "device_s")
+
+
+@pytest.mark.slow
+def test_async_loop_equals_synchronous_and_reads_only_at_logs(manifest, tmp_path, monkeypatch):
+    """3 updates x 2 micro-batches, a log at the end only, micro-batch 1 non-finite. Synchronous
+    (prefetch 0) and asynchronous runs: the same metrics, the same saved state and pipeline state,
+    bitwise. The asynchronous run finds the NaN at the end, rewinds to micro-batch 2 and reads 5
+    times in all (the NaN's flag and loss, one read after the rewind, the end's flag and metrics);
+    the synchronous one reads every micro-batch."""
+    fetched: list = []
+    monkeypatch.setattr(trainer, "_fetch", _counting(fetched))
+    monkeypatch.setattr(trainer, "build_inputs", _poison({1}))
+    runs = {}
+    for depth in (2, 0):
+        c = _accumulating_config(manifest)
+        c.train.log_every, c.train.prefetch = 3, depth
+        fetched.clear()
+        trainer.train(c, tmp_path / f"d{depth}")
+        runs[depth] = len(fetched)
+    assert runs == {2: 5, 0: 7 + 1 + 1}, runs
+    a, b = (_metrics(tmp_path / f"d{d}") for d in (2, 0))
+    strip = lambda lines: [{k: v for k, v in m.items() if k not in _TIMES} for m in lines]  # noqa: E731
+    assert strip(a) == strip(b) and a[0]["skipped"] == 1.0 and a[0]["micro_batches"] == 7.0, (a, b)
+    assert {"host_s", "device_s", "step_time_s"} <= a[0].keys()
+    _assert_same_state(c, tmp_path / "d2", tmp_path / "d0", 3)
+    data = [_restored(c, tmp_path / f"d{d}", 3).data_state for d in (2, 0)]
+    assert data[0] == data[1] and data[0]["micro_batches"] == 7, data  # the consumed batches', not the prefetched

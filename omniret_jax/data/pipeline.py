@@ -654,11 +654,11 @@ class DataPipeline:
     def set_state(self, state: dict[str, Any]) -> None:
         self._iterator.set_state(state)
 
-    def summary(self) -> PipelineSummary:
-        """Counts up to the last batch returned (read from the same state a checkpoint saves;
-        batching and the thread prefetch pass the accounting stage's state through), plus the
-        manifest lines left out."""
-        s = PipelineSummary.from_dict(self.get_state()["summary"])
+    def summary(self, state: dict[str, Any] | None = None) -> PipelineSummary:
+        """Counts up to the last batch returned, or up to the batch ``state`` (a ``get_state()``)
+        was taken after (the same state a checkpoint saves; batching and the thread prefetch
+        pass the accounting stage's state through), plus the manifest lines left out."""
+        s = PipelineSummary.from_dict((self.get_state() if state is None else state)["summary"])
         for bad in self._bad:
             s.note("skipped", f"manifest/{bad.code}", f"line {bad.line}")
         return s
