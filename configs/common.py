@@ -145,6 +145,7 @@ def gve(c: ml_collections.ConfigDict, instruction: str = QWEN_DEFAULT_INSTRUCTIO
     ))
     c.loss.pairs = (("T", "V"),)
     c.loss.preset = "pairwise"
+    c.eval = ml_collections.ConfigDict(dict(directions=GVE_DIRECTIONS))  # no audio tower: no A directions
     c.lora.target = QKVO_TARGET
     c.lora.trainable_extra = ()
     return c

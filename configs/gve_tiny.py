@@ -21,5 +21,4 @@ def get_config() -> ml_collections.ConfigDict:
     c = common.gve(tiny.get_config("pairwise"))
     for key in [k for k in c.model.tiny if k.startswith(("audio_", "beats_"))]:
         del c.model.tiny[key]             # Qwen2.5-VL has neither tower
-    c.eval = ml_collections.ConfigDict(dict(directions=common.GVE_DIRECTIONS))
     return c

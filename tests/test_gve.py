@@ -17,11 +17,14 @@ in configs/common.gve), not from our layout code:
 Checked: max abs error <= 1e-5 in float32 (matmul precision HIGHEST) and cosine >= 0.9999 with bfloat16
 compute, for every kind, with the default instruction and with one of its own in the system turn;
 bad input (an image where a video is expected, a composed query without its text, too many frames)
-is refused on the host naming the config key.
+is refused on the host naming the config key. Configs: gve_7b / gve_3b have the released shapes and
+LoRA on q/k/v/o only; gve_tiny's train-step and eval inputs on a synthetic corpus (fast, no jit), and
+(slow, ~2 min on CPU) its CLI trains a few steps and scores T->V, V->T, I->V and TI->V.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -35,7 +38,9 @@ from omniret_jax import build
 from omniret_jax.config import Precision
 from omniret_jax.convert.to_flax import load_backbone
 from omniret_jax.data.batch import prepare, still_frames
-from omniret_jax.data.tokens import ENDOFTEXT, IM_START as IM_START_TEXT, Tokens
+from omniret_jax.data.tokens import ENDOFTEXT, TINY_ENDOFTEXT, Tokens
+from omniret_jax.data.tokens import IM_START as IM_START_TEXT
+from omniret_jax.inputs import IMAGE, VIDEO
 from omniret_jax.model import embedder as E
 from tests.hf_tiny import IM_END, IM_START, IMAGE_ID, VIDEO_ID, VISION_BOS, VISION_EOS, tiny_hf_vl
 from tests.parity import PATCH
@@ -240,3 +245,105 @@ def test_bad_input_is_refused_before_jit(models):
                                                       {"embed.media_kinds": ("video",)}))
     with pytest.raises(ValueError, match=r"is Image .* accepts only video \(config\.embed\.media_kinds"):
         prepare(batch, ("I",), model.cfg, TOKENS, video_only)
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("size, shape", [("7b", (3584, 28, 28, 4, 18944, 152064, False)),
+                                         ("3b", (2048, 36, 16, 2, 11008, 151936, True))])
+def test_released_shapes_and_lora_on_the_llm_only(size, shape):
+    c = build.load_config(f"{ROOT}/configs/gve_{size}.py", {"model.init": "random"})
+    assert (c.model.backbone, c.data.num_frames, c.data.max_pixels, c.loss.preset) == ("gve", 8, 200 * 28 * 28,
+                                                                                      "pairwise")
+    lcfg, ecfg = build.loss_config(c), build.embed_config(c)
+    assert lcfg.pair_list == (("T", "V"),) and ecfg.max_frames == 8 and ecfg.pooling == "last"
+    assert ecfg.turn_end.endswith("<|im_start|>assistant\n<|endoftext|>")
+    _, trainable, _, cfg = build.abstract_state(c)
+    t = cfg.text
+    assert cfg.family == "qwen2_5_vl" and cfg.vision.out_hidden_size == t.hidden_size
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size,
+            t.vocab_size, t.tie_word_embeddings) == shape
+    leaves = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)]
+    assert len(leaves) == 2 * 4 * t.num_hidden_layers
+    assert all(re.fullmatch(r"language_model\.layers\.\d+\.self_attn\.[qkvo]_proj\.lora_[ab]", p) for p in leaves)
+
+
+def _tiny(**extra):
+    """configs/gve_tiny.py at a few steps on a small corpus."""
+    return build.load_config(f"{ROOT}/configs/gve_tiny.py", {
+        "train.steps": 2, "train.batch_size": 8, "train.log_every": 1, "train.ckpt_every": 2, "data.synth_n": 8,
+        **extra})
+
+
+def _check_results(res, steps=2):
+    assert list(res["directions"]) == ["T->V", "V->T", "I->V", "TI->V"] and res["step"] == steps
+    assert res["gallery"] == 8 and res["dim"] == 64
+    assert all(0 <= d["R@1"] <= 100 and d["queries"] == 8 for d in res["directions"].values())
+
+
+def test_tiny_host_side_of_train_and_eval(tmp_path):
+    """Fast (no jit): a synthetic corpus through the pipeline into gve_tiny's train-step inputs (T and V
+    only, no audio) and into the eval's I / TI inputs (still frames, the composed query's text)."""
+    from omniret_jax.data.batch import build_inputs
+    from omniret_jax.data.pipeline import DataPipeline
+    from omniret_jax.data.synth import SynthSettings, generate
+    from omniret_jax.eval.embed import composed_records, eval_pipeline_config, paths_for
+    from omniret_jax.losses import needed_views
+    from omniret_jax.train import pipeline_config
+
+    c = _tiny()
+    records = generate(str(tmp_path / "corpus"), 4, settings=SynthSettings(seconds=1.0, size=64), progress=False)
+    cfg, _ = build._random_configs(c)
+    tokens, ecfg = build.tokens_for(c), build.embed_config(c)
+    plan = needed_views(build.loss_config(c))
+    assert plan.anchor == ("T", "V") and not plan.aug and not plan.negative
+    pcfg = dataclasses.replace(pipeline_config(c, augment=False, caption_tokens=ecfg.text_len - 1), batch_size=4)
+    with DataPipeline(records, pcfg, tokens=tokens, process_index=0, process_count=1) as pipe:
+        batch = next(pipe)
+    inputs = build_inputs(batch, 0, cfg, tokens, ecfg, plan, seed=0)
+    assert set(inputs.anchor.paths) == {"T", "V"} and inputs.anchor.mel is None
+    ids = inputs.anchor.paths["V"].input_ids[0]
+    pooled = inputs.anchor.paths["V"].pool_index[0]
+    assert ids.reshape(-1)[pooled] == TINY_ENDOFTEXT and cfg.video_token_id in ids
+
+    assert paths_for(c.eval.directions) == ("T", "V", "I", "TI")
+    texts = [r.caption for r in composed_records(records)]
+    assert texts == [f"the same shape, moving {r.meta['motion']}" for r in records]
+    epcfg = dataclasses.replace(eval_pipeline_config(c), batch_size=4, caption_tokens=ecfg.text_len - 1)
+    with DataPipeline(composed_records(records), epcfg, tokens=tokens, process_index=0, process_count=1) as pipe:
+        batch = next(pipe)
+    ti = prepare(still_frames(batch, cfg.vision), ("TI",), cfg, tokens, ecfg).paths["TI"]
+    assert (ti.source == IMAGE).any() and not (ti.source == VIDEO).any()
+
+
+def test_composed_query_needs_its_text(tmp_path):
+    from omniret_jax.data.manifest import ManifestRecord
+    from omniret_jax.eval.embed import composed_records
+
+    r = ManifestRecord(id="x", caption="a red circle", video="/x.mp4", meta={"shape": "circle"})
+    with pytest.raises(ValueError, match=r"record 'x' has no meta\['composed_query'\].*TI->V"):
+        composed_records([r])
+
+
+@pytest.mark.slow
+def test_cli_trains_and_evaluates(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    run = lambda *a: subprocess.run([sys.executable, "-m", *map(str, a)], cwd=ROOT, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=900)
+    work = tmp_path / "run"
+    r = run("omniret_jax.train", "--config", "configs/gve_tiny.py", "--workdir", work, "--config.train.steps=2",
+            "--config.data.synth_n=8", "--config.train.batch_size=4", "--config.train.log_every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 2 and np.isfinite(logged[-1]["loss"])
+    assert "L_A/T-V" in logged[-1] and "L_A/T-A" not in logged[-1]  # InfoNCE text <-> video only
+    r = run("omniret_jax.eval", "--config", "configs/gve_tiny.py", "--checkpoint", work, "--manifest",
+            work / "corpus" / "manifest.jsonl", "--out", tmp_path / "eval", "--batch_size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_results(json.loads((tmp_path / "eval" / "results.json").read_text()))
+    print(r.stdout)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from omniret_jax.config import PATHS, BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, VisionConfig, check_paths
+from omniret_jax.config import PATHS, BackboneConfig, EmbedConfig, ViewPlan, VisionConfig, check_paths
 from omniret_jax.data.layout import (Audio, Image, Text, TurnLayout, Video, audio_output_lengths, batch_media,
                                      expand_turn, pad_batch, rope_index)
 from omniret_jax.data.tokens import Tokens
@@ -457,7 +457,7 @@ def _lists(ids: np.ndarray, lens: np.ndarray) -> list[list[int]]:
     return [ids[i, :n].tolist() for i, n in enumerate(lens)]
 
 
-def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Tokens, ecfg: EmbedConfig,
+def build_inputs(batch: dict, step: int, model_cfg: BackboneConfig, tokens: Tokens, ecfg: EmbedConfig,
                  plan: ViewPlan, *, seed: int, counter: int | None = None, text_negative: str = "batch",
                  gather=None, row_offset: int = 0, neg_towers: bool = False) -> TrainInputs:
     """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
