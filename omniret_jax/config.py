@@ -404,15 +404,17 @@ _TRAINING_ONLY_KEYS = frozenset({
 
 # ----------------------------------------------------------------------------- embedding paths
 
-# The inputs the embedder lays out: OmniRetriever's seven (text, video, audio and their mixes) and
-# GVE's image paths, an image alone (I) and the composed query text + image (TI).
-PATHS = ("T", "V", "A", "AV", "TV", "TA", "TVA", "I", "TI")
+# The seven inputs OmniRetriever embeds: text, video, audio and their mixes.
+PATHS = ("T", "V", "A", "AV", "TV", "TA", "TVA")
+# GVE's image inputs: an image alone (I) and the composed query text + image (TI).
+IMAGE_PATHS = ("I", "TI")
+EMBED_PATHS = PATHS + IMAGE_PATHS   # every path the embedder lays out
 
 
 def check_paths(paths: Sequence[str]) -> tuple[str, ...]:
-    bad = [p for p in paths if p not in PATHS]
+    bad = [p for p in paths if p not in EMBED_PATHS]
     if bad or not paths:
-        raise ValueError(f"unknown embedding path(s) {bad or list(paths)}; valid: {', '.join(PATHS)}")
+        raise ValueError(f"unknown embedding path(s) {bad or list(paths)}; valid: {', '.join(EMBED_PATHS)}")
     return tuple(dict.fromkeys(paths))
 
 
@@ -472,9 +474,9 @@ class EmbedConfig:
 
     def __post_init__(self):
         pack = tuple((str(e[0]), *map(int, e[1:])) for e in self.pack)  # lists from configs are unhashable
-        bad = [e for e in pack if e[0] not in PATHS or len(e) not in (2, 3) or min(e[1:]) < 1]
+        bad = [e for e in pack if e[0] not in EMBED_PATHS or len(e) not in (2, 3) or min(e[1:]) < 1]
         if bad or len({e[0] for e in pack}) != len(pack):
-            raise ValueError(f"EmbedConfig.pack={self.pack!r}: entries must be (path in {PATHS}, per_row >= 1"
+            raise ValueError(f"EmbedConfig.pack={self.pack!r}: entries must be (path in {EMBED_PATHS}, per_row >= 1"
                              f"[, row_len >= 1]), one per path; bad: {bad or pack}")
         if self.text_len < 2 or self.length_multiple < 1:
             raise ValueError(f"EmbedConfig: text_len={self.text_len} must be >= 2 and "

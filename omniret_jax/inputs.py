@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 # Where a token's input embedding comes from (``PathInputs.source``).
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
-# The letter of each media kind in a path name ("TI": text + image; ``config.PATHS``).
+# The letter of each media kind in a path name ("TI": text + image; ``config.EMBED_PATHS``).
 PATH_LETTER = {IMAGE: "I", VIDEO: "V", AUDIO: "A"}
 
 # Host (NumPy, as built by omniret_jax.data) or device arrays.

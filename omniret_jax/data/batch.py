@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from omniret_jax.config import PATHS, BackboneConfig, EmbedConfig, ViewPlan, VisionConfig, check_paths
+from omniret_jax.config import EMBED_PATHS, BackboneConfig, EmbedConfig, ViewPlan, VisionConfig, check_paths
 from omniret_jax.data.layout import (Audio, Image, Text, TurnLayout, Video, audio_output_lengths, batch_media,
                                      expand_turn, pad_batch, rope_index)
 from omniret_jax.data.tokens import Tokens
@@ -109,7 +109,7 @@ def fixed_ids(ecfg: EmbedConfig, tokens: Tokens) -> tuple[list[int], list[int], 
     (where it is encoded together with the caption, as a tokenizer sees the turn), prefix +
     prompt on V / I / A / AV."""
     prompts = {"V": ecfg.video_prompt, "I": ecfg.image_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}
-    text = {p: tokens.encode_text(prefix(p, ecfg) + ("" if "T" in p else prompts[p])) for p in PATHS}
+    text = {p: tokens.encode_text(prefix(p, ecfg) + ("" if "T" in p else prompts[p])) for p in EMBED_PATHS}
     return tokens.encode_text(ecfg.turn_start), tokens.encode_text(ecfg.turn_end), text
 
 
@@ -248,7 +248,7 @@ def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ec
         n_w = audio_output_lengths(np.asarray(mel_len))
         n_valid[AUDIO] = list(2 * n_w) if ecfg.doubled_audio else list(n_w)
     start, end, texts = fixed_ids(ecfg, tokens)
-    fixed = {p: len(start) + len(end) + len(texts[p]) for p in PATHS}
+    fixed = {p: len(start) + len(end) + len(texts[p]) for p in EMBED_PATHS}
     budget = caption_token_budget(ecfg)
     out = {}
     for path in paths:
