@@ -11,10 +11,10 @@ COMMAND: python -m omniret_jax.eval --config configs/gve_3b.py --checkpoint /ckp
 
 import ml_collections
 
-from configs import gve_7b
+from configs import common, gve_7b
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = gve_7b.get_config()
+def get_config(instruction: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
+    c = gve_7b.get_config(instruction)
     c.model.size = "3b"
     return c

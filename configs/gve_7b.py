@@ -15,7 +15,7 @@ train.sh), LoRA on q/k/v/o of every decoder layer (configs/common.QKVO_TARGET, a
 lr 1e-5 with warm-up 0.03 and the base config's 1000 updates (set --config.train.steps for a run of
 your own), global batch 32 (one per A100 of the paper's 32). Not reproduced: the Modality Pyramid
 curriculum (its task-sampling formula is not public) and the hard-negative masking of VRAG's loss.
-The instruction is the system turn; ``common.gve(c, instruction=...)`` changes the default.
+The instruction is the system turn; the config argument changes the default.
 
 COMMAND: python -m omniret_jax.train --config configs/gve_7b.py --workdir /ckpt/gve7b --config.model.checkpoint=/weights/Qwen2.5-VL-7B-Instruct --config.data.manifest=/data/train.jsonl
 COMMAND: python -m omniret_jax.eval --config configs/gve_7b.py --checkpoint /ckpt/gve7b --manifest /data/bench.jsonl --out /ckpt/gve7b/eval --config.model.checkpoint=/weights/Qwen2.5-VL-7B-Instruct
@@ -29,8 +29,9 @@ FRAME_PIXELS = 200 * 28 * 28      # most pixels per frame (VRAG's indexing max_p
 MIN_FRAME_PIXELS = 4 * 28 * 28    # the processor's floor in VRAG's image budget and the mteb wrapper
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = common.gve(common.base_config("pairwise"))
+def get_config(instruction: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
+    """The config argument is the system-turn instruction (``configs/gve_7b.py:Find the video.``)."""
+    c = common.gve(common.base_config("pairwise"), instruction=instruction)
     c.model.size = "7b"              # random init without a checkpoint (benchmarks): the 7B shapes
     c.model.precision.update(compute="bfloat16", trainable="float32", frozen="bfloat16")
     c.model.remat = "full"

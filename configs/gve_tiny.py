@@ -17,8 +17,9 @@ import ml_collections
 from configs import common, tiny
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = common.gve(tiny.get_config("pairwise"))
+def get_config(instruction: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
+    """The config argument is the system-turn instruction (``configs/gve_tiny.py:Find the clip.``)."""
+    c = common.gve(tiny.get_config("pairwise"), instruction=instruction)
     for key in [k for k in c.model.tiny if k.startswith(("audio_", "beats_"))]:
         del c.model.tiny[key]             # Qwen2.5-VL has neither tower
     return c

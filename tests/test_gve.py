@@ -33,7 +33,6 @@ import pytest
 import torch
 from flax import nnx
 
-from configs import common, tiny
 from omniret_jax import build
 from omniret_jax.config import Precision
 from omniret_jax.convert.to_flax import load_backbone
@@ -66,8 +65,9 @@ PATHS = tuple(p for p, _ in KINDS.values())
 
 
 def gve_ecfg(instruction: str | None = None):
-    kw = {} if instruction is None else {"instruction": instruction}
-    return build.embed_config(common.gve(tiny.get_config("pairwise"), **kw))
+    """configs/gve_tiny.py's embedding settings; its config argument is the instruction."""
+    spec = f"{ROOT}/configs/gve_tiny.py" + (f":{instruction}" if instruction else "")
+    return build.embed_config(build.load_config(spec))
 
 
 @pytest.fixture(scope="module")

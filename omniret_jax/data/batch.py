@@ -55,6 +55,8 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
     that is sharded over several): the device sees the global tower output.
     """
     ids = np.asarray(input_ids)
+    if cfg.audio_token_id is None and len(n_valid.get(AUDIO, ())):
+        raise ValueError(f"audio features given, but the {cfg.family} backbone has no audio tower")
     source = np.full(ids.shape, TEXT, np.int32)
     index = np.zeros(ids.shape, np.int32)
     tokens = {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id, AUDIO: cfg.audio_token_id}
