@@ -129,12 +129,16 @@ def backbone(c) -> str:
 def check_backbone(c) -> None:
     """Start-up validation of the backbone against the embedding and model options: a WAVE-only
     option (fusion head, BEATs branch, BEATs weights, head init) on a backbone without those
-    modules is a ValueError naming the option."""
+    modules, or more frames per clip than the embedding accepts, is a ValueError naming the option."""
     name = backbone(c)
     try:
         check_embedder(BACKBONES[name], embed_config(c))
     except ValueError as e:
         raise ValueError(f"config.model.backbone={name!r}: {str(e).replace('EmbedConfig.', 'config.embed.')}") from None
+    max_frames = c.embed.get("max_frames")
+    if max_frames is not None and c.data.num_frames > max_frames:
+        raise ValueError(f"config.data.num_frames={c.data.num_frames} is above config.embed.max_frames={max_frames}: "
+                         "every clip would be refused")
     if name != "wave":
         set_wave = [k for k in ("beats_checkpoint", "init_missing_heads") if c.model.get(k)]
         if set_wave:

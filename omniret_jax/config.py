@@ -490,7 +490,11 @@ class EmbedConfig:
                              f"but pooling={self.pooling!r} uses no head (set pooling='fusion' or drop it)")
         object.__setattr__(self, "pack", pack)
         object.__setattr__(self, "media_kinds", tuple(self.media_kinds))
-        self.policy  # validates media_kinds and max_frames
+        try:
+            self.policy
+        except ValueError as e:
+            raise ValueError(str(e).replace("MediaPolicy.kinds", "EmbedConfig.media_kinds")
+                             .replace("MediaPolicy.max_frames", "EmbedConfig.max_frames")) from None
 
     @property
     def policy(self) -> "MediaPolicy":

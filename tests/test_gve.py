@@ -245,6 +245,10 @@ def test_bad_input_is_refused_before_jit(models):
                                                       {"embed.media_kinds": ("video",)}))
     with pytest.raises(ValueError, match=r"is Image .* accepts only video \(config\.embed\.media_kinds"):
         prepare(batch, ("I",), model.cfg, TOKENS, video_only)
+    with pytest.raises(ValueError, match=r"config\.data\.num_frames=16 is above config\.embed\.max_frames=8"):
+        build.check_backbone(build.load_config(f"{ROOT}/configs/gve_tiny.py", {"data.num_frames": 16}))
+    with pytest.raises(ValueError, match=r"EmbedConfig\.max_frames must be a positive int"):
+        build.embed_config(build.load_config(f"{ROOT}/configs/gve_tiny.py", {"embed.max_frames": 0}))
 
 
 # ----------------------------------------------------------------------------- configs
