@@ -1,7 +1,8 @@
 """Fields shared by every config; each config file overrides what differs.
 
 ``base_config`` is the WAVE backbone (OmniRetriever); ``nemotron(c)`` switches a config to the
-Omni-Embed-Nemotron backbone (the cross-backbone row, paper Appendix L).
+Omni-Embed-Nemotron backbone (the cross-backbone row, paper Appendix L); ``gve(c)`` to GVE (the
+General Video Embedder on Qwen2.5-VL).
 """
 
 import ml_collections
@@ -14,6 +15,10 @@ QKVO_TARGET = r"(?:^|\.)language_model\.layers\.\d+\.self_attn\.[qkvo]_proj$"
 # (the model card's usage passes a single user message). Not read from the Nemotron repository's
 # own template: unverified there.
 QWEN_SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+# What GVE's tiny config evaluates: text <-> video, image -> video, composed (image + text) -> video.
+GVE_DIRECTIONS = ("T->V", "V->T", "I->V", "TI->V")
+# The system prompt of Qwen2.5-VL's chat template when a conversation has none: GVE's default instruction.
+QWEN_DEFAULT_INSTRUCTION = "You are a helpful assistant."
 
 
 def base_config(preset: str = "full") -> ml_collections.ConfigDict:
@@ -57,12 +62,14 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         video_prompt="Please describe the video.", audio_prompt="Please describe the audio.",
         av_prompt="Please describe the video and the audio.",
         turn_start="", turn_end="<|im_end|>", text_first=False, query_prefix="", passage_prefix="",
-        pooling="fusion", audio_branch="whisper_beats",
+        pooling="fusion", audio_branch="whisper_beats", image_prompt="Please describe the image.",
+        media_kinds=("image", "video", "audio"), max_frames=None,
     ))
     c.loss = ml_collections.ConfigDict(dict(
         preset=preset, recipe="paper", l_A=1.0, l_D=1.0, l_T=1.0, temperature=0.01,
         tuple_similarity="joint", hard_negative_pool="",
         rotation="",                # "" = the recipe's: "update" (paper) or "micro_batch" (released)
+        pairs=(),                   # the L_A modality pairs; () = the paper's (T, V), (T, A), (V, A)
     ))
     # target: regex over the dotted module paths of the Linears that get adapters (model/lora.py
     # DEFAULT_TARGET: q/k/v of every LLM layer); `omniret-convert import` sets it from an adapter.
@@ -120,6 +127,40 @@ def nemotron(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         turn_start=QWEN_SYSTEM_TURN + "<|im_start|>user\n", turn_end="<|im_end|>\n", text_first=True,
         query_prefix="query: ", passage_prefix="passage: ", video_prompt="", audio_prompt="", av_prompt="",
     ))
+    c.lora.target = QKVO_TARGET
+    c.lora.trainable_extra = ()
+    return c
+
+
+def gve(c: ml_collections.ConfigDict, instruction: str = QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
+    """Switch ``c`` to GVE, in place; returns ``c``.
+
+    From GVE's inference code (Alibaba-NLP/VRAG ``search_engine/models/GVE``: its processor and
+    ``last_pool``) and the mteb wrapper: Qwen2.5-VL, causal, no heads, no audio; one chat-template
+    conversation, the instruction as the system turn (default Qwen's "You are a helpful
+    assistant.", which VRAG gets by sending no system turn), the user turn holding the media
+    (image or video) and then the text, the generation prompt ``<|im_start|>assistant\n`` and
+    ``<|endoftext|>`` appended after it (VRAG's processor appends that token to every sequence);
+    the embedding is that last token's final-norm hidden state, L2-normalised. No prefixes and no
+    prompt on the media-only paths (a video document is the video alone). At most 8 frames a
+    video (the paper's fixed 8-frame protocol), no audio. Trained: InfoNCE text <-> video over the
+    global batch, LoRA on the LLM (q/k/v/o of every decoder layer here). The instruction is one
+    per config, both sides of a direction (the mteb wrapper gives documents the default).
+    """
+    c.model.backbone = "gve"
+    c.model.causal = True
+    c.model.init_missing_heads = False
+    c.model.beats_checkpoint = ""
+    c.embed.update(dict(
+        pooling="last", audio_branch="whisper", text_fusion_head=False, audio_in_video=False,
+        turn_start=f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\n",
+        turn_end="<|im_end|>\n<|im_start|>assistant\n<|endoftext|>", text_first=False,
+        query_prefix="", passage_prefix="", video_prompt="", image_prompt="", audio_prompt="", av_prompt="",
+        media_kinds=("image", "video"), max_frames=8,
+    ))
+    c.loss.pairs = (("T", "V"),)
+    c.loss.preset = "pairwise"
+    c.eval = ml_collections.ConfigDict(dict(directions=GVE_DIRECTIONS))  # no audio tower: no A directions
     c.lora.target = QKVO_TARGET
     c.lora.trainable_extra = ()
     return c

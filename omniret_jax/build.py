@@ -4,10 +4,11 @@ Train, eval, bench, the notebooks and the tests all build models here:
 
 - ``load_config("configs/tiny.py:distill", {"train.steps": 5})``: a config file as the CLIs read it;
 - ``build_model(c)``: the backbone of ``model.backbone``, "wave" (thinker + BEATs + fusion head and
-  BEATs adaptor) or "nemotron" (the plain thinker: bidirectional by ``model.causal``, no BEATs, no
-  heads), from random init (``model.init = "random"``: the widths of ``model.tiny``, or the real
-  shapes of ``model.size`` when the config has no ``model.tiny``) or from a checkpoint (WAVE /
-  Qwen2.5-Omni / Omni-Embed-Nemotron); ``check_backbone(c)`` rejects a WAVE-only option on the
+  BEATs adaptor), "nemotron" (the plain thinker: bidirectional by ``model.causal``, no BEATs, no
+  heads) or "gve" (Qwen2.5-VL: no audio tower, no heads), from random init (``model.init =
+  "random"``: the widths of ``model.tiny``, or the real shapes of ``model.size`` when the config
+  has no ``model.tiny``) or from a checkpoint (WAVE / Qwen2.5-Omni / Omni-Embed-Nemotron /
+  Qwen2.5-VL or GVE); ``check_backbone(c)`` rejects a WAVE-only option on the
   other backbone before anything is built;
 - ``build_state(c, mesh)``: that model with fresh LoRA, split into trainable and frozen state,
   each in its dtype of the precision policy and placed in its sharding. Random weights are
@@ -40,8 +41,9 @@ from jax.sharding import Mesh
 
 from omniret_jax import sharding
 from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
-from omniret_jax.config import (AudioConfig, BEATsConfig, EmbedConfig, Precision, TextConfig, ThinkerConfig, backbone_config, read_hf_config,
-                                VisionConfig, thinker_of_size)
+from omniret_jax.config import (AudioConfig, BackboneConfig, BEATsConfig, EmbedConfig, Precision, QwenVLConfig,
+                                TextConfig, ThinkerConfig, VisionConfig, backbone_config, qwen_vl_of_size,
+                                read_hf_config, thinker_of_size)
 from omniret_jax.data.tokens import TINY_IDS, Tokens, byte_tokens
 from omniret_jax.losses import LossConfig
 from omniret_jax.model.embedder import check_backbone as check_embedder
@@ -51,9 +53,10 @@ from omniret_jax.model.wave import WAVE
 from omniret_jax.step import make_optimizer
 
 # The real shapes' tokenizer stand-in (no download): byte tokens under the real special ids.
-QWEN_IM_END, QWEN_PAD, QWEN_IM_START = 151645, 151643, 151644
-# model.backbone -> the model class: WAVE, or the plain thinker (Omni-Embed-Nemotron).
-BACKBONES = {"wave": WAVE, "nemotron": Thinker}
+QWEN_IM_END, QWEN_PAD, QWEN_IM_START, QWEN_ENDOFTEXT = 151645, 151643, 151644, 151643
+# model.backbone -> the model class: WAVE, or the plain backbone (Omni-Embed-Nemotron's thinker,
+# GVE's Qwen2.5-VL).
+BACKBONES = {"wave": WAVE, "nemotron": Thinker, "gve": Thinker}
 # ``model.tokenizer`` value (and config.json entry of an exported random-init base) for the stand-in.
 BYTE_TOKENIZER, TOKENIZER_KEY = "bytes", "omniret_tokenizer"
 
@@ -113,7 +116,8 @@ def loss_config(c) -> LossConfig:
     return LossConfig.from_preset(
         c.loss.preset, recipe=c.loss.recipe, l_A=c.loss.l_A, l_D=c.loss.l_D, l_T=c.loss.l_T,
         temperature=c.loss.temperature, tuple_similarity=c.loss.tuple_similarity,
-        hard_negative_pool=c.loss.hard_negative_pool or None, rotation=c.loss.get("rotation") or None)
+        hard_negative_pool=c.loss.hard_negative_pool or None, rotation=c.loss.get("rotation") or None,
+        pairs=c.loss.get("pairs") or None)
 
 
 def embed_config(c) -> EmbedConfig:
@@ -131,12 +135,16 @@ def backbone(c) -> str:
 def check_backbone(c) -> None:
     """Start-up validation of the backbone against the embedding and model options: a WAVE-only
     option (fusion head, BEATs branch, BEATs weights, head init) on a backbone without those
-    modules is a ValueError naming the option."""
+    modules, or more frames per clip than the embedding accepts, is a ValueError naming the option."""
     name = backbone(c)
     try:
         check_embedder(BACKBONES[name], embed_config(c))
     except ValueError as e:
         raise ValueError(f"config.model.backbone={name!r}: {str(e).replace('EmbedConfig.', 'config.embed.')}") from None
+    max_frames = c.embed.get("max_frames")
+    if max_frames is not None and c.data.num_frames > max_frames:
+        raise ValueError(f"config.data.num_frames={c.data.num_frames} is above config.embed.max_frames={max_frames}: "
+                         "every clip would be refused")
     if name != "wave":
         set_wave = [k for k in ("beats_checkpoint", "init_missing_heads") if c.model.get(k)]
         if set_wave:
@@ -144,7 +152,7 @@ def check_backbone(c) -> None:
                              + ", ".join(f"config.model.{k}={c.model[k]!r}" for k in set_wave) + " is set")
 
 
-def with_attention(cfg: ThinkerConfig, c) -> ThinkerConfig:
+def with_attention(cfg: BackboneConfig, c) -> BackboneConfig:
     """The LLM's attention from the config: its kernel ``model.attention`` (xla | cudnn) and its
     mask ``model.causal`` (False: bidirectional, padding-only)."""
     impl = c.model.get("attention", "xla") or "xla"
@@ -163,21 +171,27 @@ def optimizer(c) -> optax.GradientTransformation:
                           decay=o.get("decay", "all"))
 
 
-def _random_configs(c) -> tuple[ThinkerConfig, BEATsConfig]:
+def _random_configs(c) -> tuple[BackboneConfig, BEATsConfig]:
     """Model configs of a random-init model: ``model.tiny``'s widths, or without it the published
-    shapes of ``model.size`` (7b | 3b)."""
+    shapes of ``model.size`` (7b | 3b); Qwen2.5-VL's for the "gve" backbone (``model.tiny`` then
+    needs no audio or BEATs widths)."""
     prec = precision(c)
+    vl = backbone(c) == "gve"
     if "tiny" not in c.model:
-        return with_attention(thinker_of_size(c.model.get("size", "7b"), precision=prec), c), BEATsConfig()
+        of_size = qwen_vl_of_size if vl else thinker_of_size
+        return with_attention(of_size(c.model.get("size", "7b"), precision=prec), c), BEATsConfig()
     t = c.model.tiny
+    text = TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                      num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                      num_key_value_heads=t.num_key_value_heads, mrope_section=tuple(t.mrope_section))
+    vision = VisionConfig(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
+                          intermediate_size=t.vision_intermediate_size, num_heads=t.vision_num_heads,
+                          out_hidden_size=t.hidden_size, fullatt_block_indexes=tuple(t.vision_fullatt_block_indexes))
+    if vl:
+        ids = {k: v for k, v in TINY_IDS.items() if not k.startswith("audio")}
+        return with_attention(QwenVLConfig(text=text, vision=vision, precision=prec, **ids), c), BEATsConfig()
     cfg = ThinkerConfig(
-        text=TextConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                        num_key_value_heads=t.num_key_value_heads, mrope_section=tuple(t.mrope_section)),
-        vision=VisionConfig(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
-                            intermediate_size=t.vision_intermediate_size, num_heads=t.vision_num_heads,
-                            out_hidden_size=t.hidden_size,
-                            fullatt_block_indexes=tuple(t.vision_fullatt_block_indexes)),
+        text=text, vision=vision,
         audio=AudioConfig(encoder_layers=t.audio_layers, d_model=t.audio_d_model, encoder_attention_heads=t.audio_heads,
                           encoder_ffn_dim=t.audio_ffn, output_dim=t.hidden_size),
         precision=prec, **TINY_IDS)
@@ -194,7 +208,7 @@ def byte_tokenizer(vocab_size: int) -> Tokens:
     """The stand-in tokenizer of random-init models: UTF-8 bytes + 1 under the tiny model's
     special ids, or under Qwen's for a Qwen-sized vocabulary."""
     if vocab_size > QWEN_IM_END:
-        return byte_tokens(QWEN_IM_END, QWEN_PAD, QWEN_IM_START)
+        return byte_tokens(QWEN_IM_END, QWEN_PAD, QWEN_IM_START, QWEN_ENDOFTEXT)
     return byte_tokens()
 
 
@@ -229,8 +243,8 @@ def _check_init(c) -> None:
     if c.model.init not in ("random", "checkpoint"):
         raise ValueError(f"config.model.init={c.model.init!r}: expected 'checkpoint' or 'random'")
     if c.model.init == "checkpoint" and not c.model.checkpoint:
-        raise ValueError("config.model.checkpoint is empty: point it at a WAVE-7B, Qwen2.5-Omni or "
-                         "Omni-Embed-Nemotron directory")
+        raise ValueError("config.model.checkpoint is empty: point it at a WAVE-7B, Qwen2.5-Omni, "
+                         "Omni-Embed-Nemotron, Qwen2.5-VL or GVE directory")
     check_backbone(c)
 
 
@@ -249,7 +263,7 @@ def build_model(c, *, mesh: Mesh | None = None) -> tuple[Thinker, Tokens]:
     _check_init(c)
     if c.model.init == "random":
         return random_model(c), tokens_for(c)
-    from omniret_jax.convert.to_flax import load_thinker, load_wave
+    from omniret_jax.convert.to_flax import load_backbone, load_thinker, load_wave
 
     configure = lambda cfg: with_attention(cfg, c)  # noqa: E731
     if backbone(c) == "wave":
@@ -257,8 +271,15 @@ def build_model(c, *, mesh: Mesh | None = None) -> tuple[Thinker, Tokens]:
                              precision=precision(c), init_missing_heads=c.model.init_missing_heads,
                              seed=c.model.seed, mesh=mesh, remat=c.model.remat, configure=configure)
     else:
-        model, _ = load_thinker(c.model.checkpoint, precision=precision(c), mesh=mesh, remat=c.model.remat,
-                                configure=configure)
+        load = load_thinker
+        if backbone(c) == "gve":
+            model_type = read_hf_config(c.model.checkpoint).get("model_type")
+            if model_type != "qwen2_5_vl":
+                raise ValueError(f"config.model.backbone='gve' runs on Qwen2.5-VL, but {c.model.checkpoint} has "
+                                 f"model_type {model_type!r} (want 'qwen2_5_vl')")
+            load = load_backbone
+        model, _ = load(c.model.checkpoint, precision=precision(c), mesh=mesh, remat=c.model.remat,
+                        configure=configure)
     return model, tokens_for(c)
 
 
@@ -277,7 +298,7 @@ class ModelState:
     graphdef: Any
     trainable: Any
     frozen: Any
-    cfg: ThinkerConfig
+    cfg: BackboneConfig
     tokens: Tokens
     lora: LoRAConfig
 
@@ -323,7 +344,7 @@ def _random_split(c, *, train: bool):
     return lambda: split_state(attach_lora(random_model(c), c, train=train), lora, prec)
 
 
-def abstract_state(c, *, train: bool = True) -> tuple[Any, Any, Any, ThinkerConfig]:
+def abstract_state(c, *, train: bool = True) -> tuple[Any, Any, Any, BackboneConfig]:
     """(graphdef, trainable, frozen, model config) of the config's random-init model with LoRA,
     as ShapeDtypeStructs: shapes, dtypes and shardings without allocating a weight."""
     graphdef, trainable, frozen = nnx.eval_shape(_random_split(c, train=train))

@@ -332,6 +332,27 @@ def thinker_of_size(size: str, *, precision: Precision = Precision()) -> Thinker
     return cfg
 
 
+def qwen_vl_of_size(size: str, *, precision: Precision = Precision()) -> QwenVLConfig:
+    """The published shapes of Qwen2.5-VL-7B / -3B-Instruct (GVE-7B / GVE-3B's bases), for random
+    init without a checkpoint.
+
+    "7b": the dataclass defaults (text 3584 wide, 28 layers, 28 / 4 heads, vocab 152064, untied).
+    "3b": text 2048 wide, 36 layers, 16 / 2 heads, intermediate 11008, vocab 151936, tied head.
+    Both keep the 32-block 1280-wide ViT (projecting to the text width) and tokens_per_second 2,
+    as the released config.json files have them.
+    """
+    if size not in THINKER_SIZES:
+        raise ValueError(f"Qwen2.5-VL size {size!r}: expected one of {THINKER_SIZES}")
+    cfg = QwenVLConfig(precision=precision)
+    if size == "3b":
+        cfg = cfg.replace(
+            text=dataclasses.replace(cfg.text, vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                                     num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                     tie_word_embeddings=True),
+            vision=dataclasses.replace(cfg.vision, out_hidden_size=2048))
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class BEATsConfig:
     """Field names follow the unilm ``BEATsConfig``; defaults are BEATs iter3+."""
@@ -421,14 +442,19 @@ _TRAINING_ONLY_KEYS = frozenset({
 
 # The seven inputs OmniRetriever embeds: text, video, audio and their mixes.
 PATHS = ("T", "V", "A", "AV", "TV", "TA", "TVA")
+# GVE's image inputs: an image alone (I) and the composed query text + image (TI).
+IMAGE_PATHS = ("I", "TI")
+EMBED_PATHS = PATHS + IMAGE_PATHS   # every path the embedder lays out
 
 
 def check_paths(paths: Sequence[str]) -> tuple[str, ...]:
-    bad = [p for p in paths if p not in PATHS]
+    bad = [p for p in paths if p not in EMBED_PATHS]
     if bad or not paths:
-        raise ValueError(f"unknown embedding path(s) {bad or list(paths)}; valid: {', '.join(PATHS)}")
+        raise ValueError(f"unknown embedding path(s) {bad or list(paths)}; valid: {', '.join(EMBED_PATHS)}")
     return tuple(dict.fromkeys(paths))
 
+
+MEDIA_KINDS = ("image", "video", "audio")
 
 # How a path's sequence becomes one vector (EmbedConfig.pooling):
 #   "fusion": WAVE. The last token of every layer through the all-layer fusion head on the media
@@ -447,13 +473,15 @@ class EmbedConfig:
     """How the embedding paths are laid out and pooled.
 
     Every path is one turn: ``turn_start``, the content, ``turn_end``. The content is the media
-    blocks (video, then audio) and the text: the path's prefix (``query_prefix`` on the text path,
-    ``passage_prefix`` on every path with media) followed by the caption, or on V / A / AV by their
-    fixed prompt; the text comes after the media, or before it with ``text_first``. Template
-    strings may hold ``<|im_start|>`` / ``<|im_end|>``, which become their special tokens
-    (``data.tokens.Tokens.encode_text``). The defaults are WAVE's layout (architecture.md
-    section 3: ``[media][PROMPT]<|im_end|>``, the text path ``caption<|im_end|>``);
-    ``configs/common.nemotron`` sets Omni-Embed-Nemotron's.
+    blocks (an image, or a video then audio) and the text: the path's prefix (``query_prefix`` on
+    the text path, ``passage_prefix`` on every path with media) followed by the caption, or on
+    V / I / A / AV by their fixed prompt; the text comes after the media, or before it with
+    ``text_first``. Template strings may hold ``<|im_start|>`` / ``<|im_end|>`` /
+    ``<|endoftext|>``, which become their special tokens (``data.tokens.Tokens.encode_text``).
+    The defaults are WAVE's layout (architecture.md section 3: ``[media][PROMPT]<|im_end|>``, the
+    text path ``caption<|im_end|>``); ``configs/common.nemotron`` sets Omni-Embed-Nemotron's and
+    ``configs/common.gve`` GVE's. ``media_kinds`` / ``max_frames`` are the host's
+    ``MediaPolicy``: an item of another kind, or a longer video, is an error before jit.
 
     Row lengths follow from the media shapes, the fixed tokens of the template and ``text_len``
     (``data.batch.path_length``). ``pack`` lists passes whose sequences are short next to their
@@ -465,6 +493,7 @@ class EmbedConfig:
     length_multiple: int = 8      # every path's row length is rounded up to this
     pack: tuple[tuple, ...] = ()
     video_prompt: str = "Please describe the video."
+    image_prompt: str = "Please describe the image."
     audio_prompt: str = "Please describe the audio."
     av_prompt: str = "Please describe the video and the audio."
     turn_start: str = ""
@@ -476,12 +505,14 @@ class EmbedConfig:
     audio_branch: str = "whisper_beats"
     text_fusion_head: bool = False
     audio_in_video: bool = False  # interleave a clip's audio into its video block (processor's use_audio_in_video)
+    media_kinds: tuple[str, ...] = MEDIA_KINDS  # the media a layout accepts (MediaPolicy.kinds)
+    max_frames: int | None = None               # most frames a video may have (MediaPolicy.max_frames)
 
     def __post_init__(self):
         pack = tuple((str(e[0]), *map(int, e[1:])) for e in self.pack)  # lists from configs are unhashable
-        bad = [e for e in pack if e[0] not in PATHS or len(e) not in (2, 3) or min(e[1:]) < 1]
+        bad = [e for e in pack if e[0] not in EMBED_PATHS or len(e) not in (2, 3) or min(e[1:]) < 1]
         if bad or len({e[0] for e in pack}) != len(pack):
-            raise ValueError(f"EmbedConfig.pack={self.pack!r}: entries must be (path in {PATHS}, per_row >= 1"
+            raise ValueError(f"EmbedConfig.pack={self.pack!r}: entries must be (path in {EMBED_PATHS}, per_row >= 1"
                              f"[, row_len >= 1]), one per path; bad: {bad or pack}")
         if self.text_len < 2 or self.length_multiple < 1:
             raise ValueError(f"EmbedConfig: text_len={self.text_len} must be >= 2 and "
@@ -494,6 +525,16 @@ class EmbedConfig:
             raise ValueError(f"EmbedConfig.text_fusion_head=True sends the text path through WAVE's fusion head, "
                              f"but pooling={self.pooling!r} uses no head (set pooling='fusion' or drop it)")
         object.__setattr__(self, "pack", pack)
+        object.__setattr__(self, "media_kinds", tuple(self.media_kinds))
+        try:
+            self.policy
+        except ValueError as e:
+            raise ValueError(str(e).replace("MediaPolicy.kinds", "EmbedConfig.media_kinds")
+                             .replace("MediaPolicy.max_frames", "EmbedConfig.max_frames")) from None
+
+    @property
+    def policy(self) -> "MediaPolicy":
+        return MediaPolicy(self.media_kinds, self.max_frames)
 
     @property
     def doubled_audio(self) -> bool:
@@ -524,8 +565,6 @@ class MediaPolicy:
         if self.max_frames is not None and not (isinstance(self.max_frames, int) and self.max_frames > 0):
             raise ValueError(f"MediaPolicy.max_frames must be a positive int or None, got {self.max_frames!r}")
 
-
-MEDIA_KINDS = ("image", "video", "audio")
 
 
 @dataclasses.dataclass(frozen=True)

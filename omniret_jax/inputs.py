@@ -20,6 +20,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 # Where a token's input embedding comes from (``PathInputs.source``).
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
+# The letter of each media kind in a path name ("TI": text + image; ``config.EMBED_PATHS``).
+PATH_LETTER = {IMAGE: "I", VIDEO: "V", AUDIO: "A"}
 
 # Host (NumPy, as built by omniret_jax.data) or device arrays.
 Arr = np.ndarray | Array
@@ -90,6 +92,8 @@ class EmbedInputs:
     paths: dict[str, PathInputs]
     video_patches: Float[Arr, "b p f"] | None = None     # f = C * Tp * patch**2
     video_layout: VisionLayout | None = None
+    image_patches: Float[Arr, "b q f"] | None = None     # one image per row (the I / TI paths)
+    image_layout: VisionLayout | None = None
     mel: Float[Arr, "b m t"] | None = None               # Whisper log-mel
     mel_lens: Int[Arr, "b"] | None = None
     fbank: Float[Arr, "b tb nf"] | None = None           # BEATs fbank, tb a multiple of 16

@@ -61,6 +61,8 @@ class LossConfig:
       `_tuple_step`, modeling L3074-3075 and L3180-3185, advance once per micro-batch, 8 per
       update at GRAD_ACCUM=8). None picks "update" for "paper" and "micro_batch" for "released".
       The trainer passes the chosen count as ``step`` to compute_losses and the host layout.
+    pairs: the modality pairs of the paper recipe's L_A, e.g. (("T", "V"),) for GVE's one
+      text-video InfoNCE; None = the paper's (T, V), (T, A), (V, A).
     """
 
     recipe: str = "paper"
@@ -72,6 +74,7 @@ class LossConfig:
     tuple_similarity: str = "joint"
     hard_negative_pool: str | None = None
     rotation: str | None = None
+    pairs: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -95,6 +98,22 @@ class LossConfig:
             raise ValueError(f"terms={terms!r}; expected distinct names out of {TERMS}")
         # Canonical order and a tuple (lists from config files are unhashable).
         object.__setattr__(self, "terms", tuple(t for t in TERMS if t in terms))
+        if self.pairs is not None:
+            pairs = tuple(tuple(p) for p in self.pairs)
+            if (not pairs or any(len(p) != 2 or p[0] == p[1] or not set(p) <= set(MODALITIES) for p in pairs)
+                    or self.recipe != "paper"):
+                raise ValueError(f"pairs={self.pairs!r}: expected distinct-modality pairs out of {MODALITIES}, "
+                                 f"with recipe 'paper' (got {self.recipe!r})")
+            object.__setattr__(self, "pairs", pairs)
+
+    @property
+    def pair_list(self) -> tuple[tuple[str, str], ...]:
+        """The L_A pairs of the paper recipe."""
+        return _PAPER_PAIRS if self.pairs is None else self.pairs
+
+    @property
+    def pair_modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if any(m in p for p in self.pair_list))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LossConfig":
@@ -119,7 +138,9 @@ class LossConfig:
 def needed_views(cfg: LossConfig) -> ViewPlan:
     """The embeddings the active terms read: anchor paths, augmented-view paths, hard negative."""
     anchor: list[str] = []
-    if {"L_A", "L_D"} & set(cfg.terms):
+    if "L_A" in cfg.terms:
+        anchor += cfg.pair_modalities
+    if "L_D" in cfg.terms:
         anchor += ["T", "V", "A"]
     if "L_D" in cfg.terms or ("L_T" in cfg.terms and cfg.tuple_similarity == "joint"):
         anchor += ["TVA"]
@@ -215,7 +236,7 @@ def _required_keys(cfg: LossConfig) -> dict[str, tuple[str, ...]]:
         tuple_keys = ("TVA", "TVA_aug", "TVA_neg")
     else:
         tuple_keys = tuple(m + s for s in ("", "_aug", "_neg") for m in MODALITIES)
-    needs = {"L_A": MODALITIES, "L_D": (*MODALITIES, "TVA"), "L_T": tuple_keys}
+    needs = {"L_A": cfg.pair_modalities, "L_D": (*MODALITIES, "TVA"), "L_T": tuple_keys}
     return {term: needs[term] for term in cfg.terms}
 
 
@@ -283,7 +304,7 @@ def compute_losses(emb: Mapping[str, Embeddings], step, cfg: LossConfig
 
     if cfg.recipe == "paper":
         if "L_A" in cfg.terms:
-            parts = {f"L_A/{a}-{b}": nce(e[a], e[b]) for a, b in _PAPER_PAIRS}
+            parts = {f"L_A/{a}-{b}": nce(e[a], e[b]) for a, b in cfg.pair_list}
             metrics.update(parts)
             metrics["L_A"] = sum(parts.values()) / len(parts)
         if "L_D" in cfg.terms:

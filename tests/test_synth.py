@@ -80,9 +80,11 @@ def test_corpus_files_and_manifest(corpus):
         assert info.has_video and info.has_audio
         assert (info.width, info.height, info.fps, info.sample_rate) == (64, 64, 10.0, 16000)
         assert abs(info.duration_s - 2.0) < 0.1, info
-        words = dict(r.meta, rhythm=synth.RHYTHM_PHRASES[r.meta["rhythm"]])
+        attrs = {k: r.meta[k] for k in synth.ATTRIBUTE_KEYS}
+        words = dict(attrs, rhythm=synth.RHYTHM_PHRASES[r.meta["rhythm"]])
         for value in words.values():  # every fact is spelled out in the caption
             assert value in r.caption.lower()
+        assert r.meta["composed_query"] == f"the same shape, moving {attrs['motion']}"
     # The 12 clips exercise more than one value of every attribute.
     for key in synth.ATTRIBUTE_KEYS:
         assert len({r.meta[key] for r in records}) >= 2, key

@@ -19,15 +19,16 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from omniret_jax.config import PATHS, BackboneConfig, EmbedConfig, ThinkerConfig, ViewPlan, check_paths
-from omniret_jax.data.layout import (Audio, Text, TurnLayout, Video, audio_output_lengths, batch_media, expand_turn,
-                                     pad_batch, rope_index)
+from omniret_jax.config import EMBED_PATHS, BackboneConfig, EmbedConfig, ViewPlan, VisionConfig, check_paths
+from omniret_jax.data.layout import (Audio, Image, Text, TurnLayout, Video, audio_output_lengths, batch_media,
+                                     expand_turn, pad_batch, rope_index)
 from omniret_jax.data.tokens import Tokens
 from omniret_jax.data.vision_layout import vision_layout
-from omniret_jax.inputs import AUDIO, IMAGE, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
+from omniret_jax.inputs import AUDIO, IMAGE, PATH_LETTER, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
 
 # Keys whose first axis (or list length) is the batch, in the order they are trusted.
-_ROW_KEYS = ("caption", "caption_ids", "video_grid_thw", "mel_len", "video_patches", "mel", "fbank")
+_ROW_KEYS = ("caption", "caption_ids", "video_grid_thw", "image_grid_thw", "mel_len", "video_patches",
+             "image_patches", "mel", "fbank")
 _SLOTS = ("text", "audio", "video")
 
 
@@ -54,6 +55,8 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
     that is sharded over several): the device sees the global tower output.
     """
     ids = np.asarray(input_ids)
+    if cfg.audio_token_id is None and len(n_valid.get(AUDIO, ())):
+        raise ValueError(f"audio features given, but the {cfg.family} backbone has no audio tower")
     source = np.full(ids.shape, TEXT, np.int32)
     index = np.zeros(ids.shape, np.int32)
     tokens = {IMAGE: cfg.image_token_id, VIDEO: cfg.video_token_id, AUDIO: cfg.audio_token_id}
@@ -77,8 +80,8 @@ def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[i
 def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], fixed: Mapping[str, int]) -> int:
     """Padded length of a path's rows: the longest row the batch's fixed shapes allow, exactly.
 
-    Media blocks take their tower capacity (video tokens of P patches, audio tokens of T mel
-    frames, doubled for WAVE) plus their start/end tokens; text takes the caption budget
+    Media blocks take their tower capacity (video tokens of P patches, image tokens of its Q
+    patches, audio tokens of T mel frames, doubled for WAVE) plus their start/end tokens; text takes the caption budget
     (``text_len - 1`` tokens) on the paths with T; ``fixed[path]`` counts the rest (turn template,
     prefix, the fixed prompt of V / A / AV: ``fixed_ids``). Rounded up to
     ``ecfg.length_multiple``. Nothing depends on the batch's content, so every batch of a run has
@@ -87,6 +90,8 @@ def path_length(path: str, ecfg: EmbedConfig, capacity: Mapping[int, int], fixed
     n = fixed[path]
     if "V" in path:
         n += 2 + capacity[VIDEO]
+    if "I" in path:
+        n += 2 + capacity[IMAGE]
     if "A" in path:
         n += 2 + capacity[AUDIO]
     if "T" in path:
@@ -104,19 +109,25 @@ def prefix(path: str, ecfg: EmbedConfig) -> str:
 def fixed_ids(ecfg: EmbedConfig, tokens: Tokens) -> tuple[list[int], list[int], dict[str, list[int]]]:
     """(turn start, turn end, {path: the ids of its fixed text}): the prefix on the paths with T
     (where it is encoded together with the caption, as a tokenizer sees the turn), prefix +
-    prompt on V / A / AV."""
-    prompts = {"V": ecfg.video_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}
-    text = {p: tokens.encode_text(prefix(p, ecfg) + ("" if "T" in p else prompts[p])) for p in PATHS}
+    prompt on V / I / A / AV."""
+    prompts = {"V": ecfg.video_prompt, "I": ecfg.image_prompt, "A": ecfg.audio_prompt, "AV": ecfg.av_prompt}
+    text = {p: tokens.encode_text(prefix(p, ecfg) + ("" if "T" in p else prompts[p])) for p in EMBED_PATHS}
     return tokens.encode_text(ecfg.turn_start), tokens.encode_text(ecfg.turn_end), text
 
 
 def turn(media: list, text: list[int], start: list[int], end: list[int], ecfg: EmbedConfig,
          cfg: BackboneConfig) -> TurnLayout:
     """One path's sequence: ``start``, then the media blocks and ``text`` in the configured
-    order, then ``end``."""
+    order, then ``end``. Media outside ``ecfg.policy`` are an error naming its config key."""
     if ecfg.text_first:
-        return expand_turn([Text(tuple(start + text)), *media], end, cfg, wave_doubled_audio=ecfg.doubled_audio)
-    return expand_turn([Text(tuple(start)), *media], text + end, cfg, wave_doubled_audio=ecfg.doubled_audio)
+        items, after = [Text(tuple(start + text)), *media], end
+    else:
+        items, after = [Text(tuple(start)), *media], text + end
+    try:
+        return expand_turn(items, after, cfg, wave_doubled_audio=ecfg.doubled_audio, policy=ecfg.policy)
+    except ValueError as e:
+        raise ValueError(str(e).replace("MediaPolicy.kinds", "config.embed.media_kinds")
+                         .replace("MediaPolicy.max_frames", "config.embed.max_frames")) from None
 
 
 def pooled_counts(p: PathInputs) -> np.ndarray:
@@ -224,20 +235,22 @@ def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ec
                  capacity: dict[int, int], *, row_offset: int) -> dict[str, PathInputs]:
     """PathInputs of each path from per-row metadata: ``captions`` (token id lists, within the
     budget), ``caption_text`` (the strings, when this process has them), ``video_grid_thw``
-    [b, 3], ``video_second_per_grid`` [b], ``mel_len`` [b]."""
+    [b, 3], ``video_second_per_grid`` [b], ``image_grid_thw`` [b, 3], ``mel_len`` [b]."""
     b = len(next(v for v in meta.values() if v is not None))
-    grids, spg, mel_len, captions = (meta.get(k) for k in ("video_grid_thw", "video_second_per_grid", "mel_len",
-                                                           "captions"))
+    grids, spg, image_grids, mel_len, captions = (
+        meta.get(k) for k in ("video_grid_thw", "video_second_per_grid", "image_grid_thw", "mel_len", "captions"))
     texts_in = meta.get("caption_text")
     n_valid = {}
+    unit = model_cfg.vision.spatial_merge_size ** 2
     if grids is not None:
-        unit = model_cfg.vision.spatial_merge_size ** 2
         n_valid[VIDEO] = [int(np.prod(g)) // unit for g in grids]
+    if image_grids is not None:
+        n_valid[IMAGE] = [int(np.prod(g)) // unit for g in image_grids]
     if mel_len is not None:
         n_w = audio_output_lengths(np.asarray(mel_len))
         n_valid[AUDIO] = list(2 * n_w) if ecfg.doubled_audio else list(n_w)
     start, end, texts = fixed_ids(ecfg, tokens)
-    fixed = {p: len(start) + len(end) + len(texts[p]) for p in PATHS}
+    fixed = {p: len(start) + len(end) + len(texts[p]) for p in EMBED_PATHS}
     budget = caption_token_budget(ecfg)
     out = {}
     for path in paths:
@@ -245,6 +258,8 @@ def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ec
         pre = prefix(path, ecfg)
         for i in range(b):
             media = []
+            if "I" in path:
+                media.append(Image(tuple(int(x) for x in image_grids[i])))
             if "V" in path:
                 media.append(Video(tuple(int(x) for x in grids[i]), float(spg[i]),
                                    int(mel_len[i]) if ("A" in path and ecfg.audio_in_video) else None))
@@ -260,7 +275,7 @@ def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ec
         padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
                            names=[f"sample {row_offset + i} ({path} path)" for i in range(b)])
         pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
-        kinds = {k: v for k, v in n_valid.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
+        kinds = {k: v for k, v in n_valid.items() if PATH_LETTER[k] in path}
         source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity, row_offset=row_offset)
         local = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source, index,
                            np.arange(b, dtype=np.int32) * length + padded.last_index)
@@ -275,6 +290,8 @@ def _capacity(batch: dict, model_cfg, ecfg: EmbedConfig) -> dict[int, int]:
     cap = {}
     if "video_patches" in batch:
         cap[VIDEO] = np.shape(batch["video_patches"])[1] // model_cfg.vision.spatial_merge_size ** 2
+    if "image_patches" in batch:
+        cap[IMAGE] = np.shape(batch["image_patches"])[1] // model_cfg.vision.spatial_merge_size ** 2
     if "mel" in batch:
         cap[AUDIO] = np.shape(batch["mel"])[-1] // 4 * (2 if ecfg.doubled_audio else 1)
     return cap
@@ -286,27 +303,40 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
 
     ``batch`` holds (as produced by omniret_jax.data.pipeline): ``caption`` (list
     of str) and/or ``caption_ids`` / ``caption_len``, ``video_patches`` [B, P, F],
-    ``video_grid_thw`` [B, 3], ``video_second_per_grid`` [B], ``mel`` [B, n_mels, T],
-    ``mel_len`` [B], ``fbank`` [B, T_b, 128], ``fbank_len`` [B]; only the modalities the
-    paths use are required (``fbank`` only with ``ecfg.audio_branch`` "whisper_beats"). The
-    token layout of every path follows ``ecfg`` (see ``EmbedConfig``). ``row_offset``: the
-    global row of this batch's first row, when it is one process's part of a global batch.
+    ``video_grid_thw`` [B, 3], ``video_second_per_grid`` [B], ``image_patches`` [B, Q, F],
+    ``image_grid_thw`` [B, 3] (one image per row, for I / TI; ``still_frames`` makes them from
+    the videos), ``mel`` [B, n_mels, T], ``mel_len`` [B], ``fbank`` [B, T_b, 128], ``fbank_len``
+    [B]; only the modalities the paths use are required (``fbank`` only with
+    ``ecfg.audio_branch`` "whisper_beats"). The token layout of every path follows ``ecfg`` (see
+    ``EmbedConfig``). ``row_offset``: the global row of this batch's first row, when it is one
+    process's part of a global batch.
     """
     paths = check_paths(paths)
     need_v = any("V" in p for p in paths)
+    need_i = any("I" in p for p in paths)
     need_a = any("A" in p for p in paths)
     need_t = any("T" in p for p in paths)
+    if need_v and "video_patches" not in batch and "image_patches" in batch:
+        raise ValueError(f"paths {[p for p in paths if 'V' in p]} take a video, but the batch holds an image "
+                         "(batch['image_patches']) and no video: embed an image through the I / TI paths")
     for key, needed in (("video_patches", need_v), ("video_grid_thw", need_v), ("video_second_per_grid", need_v),
-                        ("mel", need_a), ("mel_len", need_a)):
+                        ("image_patches", need_i), ("image_grid_thw", need_i), ("mel", need_a), ("mel_len", need_a)):
         if needed and key not in batch:
             raise KeyError(f"paths {paths} need batch[{key!r}]")
     if need_t and "caption" not in batch and "caption_ids" not in batch:
-        raise KeyError(f"paths {paths} need batch['caption'] or batch['caption_ids']")
+        what = "the composed query (TI: image + text) needs its text" if "TI" in paths else f"paths {paths} need"
+        raise KeyError(f"{what}: batch['caption'] or batch['caption_ids']")
     if ecfg.doubled_audio and need_a and "fbank" not in batch:
         raise KeyError("the WAVE audio path (EmbedConfig.audio_branch='whisper_beats') needs batch['fbank'] and "
                        "batch['fbank_len'] for BEATs")
     b = batch_rows(batch)
-    meta: dict = {"captions": caption_lists(batch, tokens=tokens) if need_t else None,
+    try:
+        captions = caption_lists(batch, tokens=tokens) if need_t else None
+    except ValueError as e:
+        if "TI" not in paths:
+            raise
+        raise ValueError(f"the composed query (TI: image + text) needs its text: {e}") from None
+    meta: dict = {"captions": captions,
                   "caption_text": list(batch["caption"]) if need_t and "caption" in batch else None}
 
     towers: dict = {}
@@ -317,6 +347,12 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
         towers["video_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
         meta["video_grid_thw"] = grids
         meta["video_second_per_grid"] = np.asarray(batch["video_second_per_grid"]).reshape(b)
+    if need_i:
+        patches = np.asarray(batch["image_patches"], np.float32)
+        grids = np.asarray(batch["image_grid_thw"]).reshape(b, 3)
+        towers["image_patches"] = patches
+        towers["image_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
+        meta["image_grid_thw"] = grids
     if need_a:
         mel = np.asarray(batch["mel"], np.float32)
         mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
@@ -331,6 +367,23 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
     layouts = _row_layouts(meta, paths, model_cfg, tokens, ecfg, _capacity(batch, model_cfg, ecfg),
                            row_offset=row_offset)
     return EmbedInputs(paths=layouts, **towers)
+
+
+def still_frames(batch: dict, vision: VisionConfig) -> dict:
+    """``batch`` plus ``image_patches`` / ``image_grid_thw``: each row's first video frame as an
+    image, what the Qwen2.5-VL image processor makes of that frame at the video's size (its one
+    frame repeated over the temporal patch). The image query of a video corpus (image -> video,
+    composed -> video)."""
+    patches = np.asarray(batch["video_patches"], np.float32)
+    grids = np.asarray(batch["video_grid_thw"]).reshape(-1, 3)
+    n = [int(h * w) for _, h, w in grids]          # the first temporal grid's patches come first
+    c, tp = vision.in_channels, vision.temporal_patch_size
+    first = patches[:, :max(n)].reshape(len(grids), max(n), c, tp, -1)[:, :, :, :1]
+    image = np.broadcast_to(first, first.shape[:3] + (tp, first.shape[-1])).reshape(len(grids), max(n), -1).copy()
+    for i, k in enumerate(n):
+        image[i, k:] = 0
+    return dict(batch, image_patches=image, image_grid_thw=np.column_stack([np.ones(len(grids), np.int64),
+                                                                            grids[:, 1:]]))
 
 
 # ----------------------------------------------------------------------------- train step
@@ -406,7 +459,7 @@ def _lists(ids: np.ndarray, lens: np.ndarray) -> list[list[int]]:
     return [ids[i, :n].tolist() for i, n in enumerate(lens)]
 
 
-def build_inputs(batch: dict, step: int, model_cfg: ThinkerConfig, tokens: Tokens, ecfg: EmbedConfig,
+def build_inputs(batch: dict, step: int, model_cfg: BackboneConfig, tokens: Tokens, ecfg: EmbedConfig,
                  plan: ViewPlan, *, seed: int, counter: int | None = None, text_negative: str = "batch",
                  gather=None, row_offset: int = 0, neg_towers: bool = False) -> TrainInputs:
     """Host-side arrays of one train step from a pipeline batch (``batch['aug']`` when the
@@ -507,6 +560,8 @@ def chunked(inputs: TrainInputs, chunks: int) -> TrainInputs:
         capacity = {}
         if v.video_layout is not None:
             capacity[VIDEO] = v.video_layout.window_index.shape[1]           # merge units per row
+        if v.image_layout is not None:
+            capacity[IMAGE] = v.image_layout.window_index.shape[1]
         if v.mel is not None:
             capacity[AUDIO] = v.mel.shape[-1] // 4 * (2 if v.fbank is not None else 1)  # WAVE doubles
         return dataclasses.replace(v, paths={n: rebase(p, capacity) for n, p in v.paths.items()})

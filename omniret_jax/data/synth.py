@@ -9,6 +9,9 @@ has something to learn and dual-modal queries carry more than either modality al
     audible only: instrument timbre (flute: near-sine, clarinet: odd harmonics,
                   violin: all harmonics), pitch (low/mid/high), rhythm (steady/pulsing/beeping)
     caption:      all six, e.g. "a red circle moving left while a low flute plays a steady tone"
+    composed:     ``meta.composed_query``, the text of a composed (still frame + text) query whose
+                  gold is the clip itself: "the same shape, moving left" (a still frame shows
+                  shape and colour, not the motion the text adds)
 
 Clip i's attribute combination comes from a seeded permutation of all 1296 combinations, so
 captions are unique while N <= 1296. Nuisance factors (background level, shape size and path,
@@ -80,6 +83,11 @@ def clip_attributes(seed: int, index: int) -> dict[str, str]:
     rnd, pos = divmod(index, len(_COMBOS))
     perm = np.random.default_rng([seed, 7919, rnd]).permutation(len(_COMBOS))
     return dict(zip(ATTRIBUTE_KEYS, _COMBOS[perm[pos]]))
+
+
+def composed_query(attrs: dict[str, str]) -> str:
+    """The text half of the clip's composed query; its still frame is the image half."""
+    return f"the same shape, moving {attrs['motion']}"
 
 
 def caption_for(attrs: dict[str, str], rng: np.random.Generator) -> str:
@@ -187,7 +195,7 @@ def make_clip(out_dir: str, seed: int, index: int, s: SynthSettings) -> Manifest
     path = os.path.join(out_dir, "clips", f"{clip_id}.mp4")
     encode_mp4(path, frames, wave, s)
     return ManifestRecord(id=clip_id, caption=caption, video=os.path.abspath(path),
-                          meta=dict(attrs))
+                          meta=dict(attrs, composed_query=composed_query(attrs)))
 
 
 def _make_clip_star(args):

@@ -6,8 +6,9 @@ import dataclasses
 import re
 from typing import Callable
 
-# Chat-template special tokens that template strings (EmbedConfig.turn_start / turn_end) may hold.
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Chat-template special tokens that template strings (EmbedConfig.turn_start / turn_end) may hold;
+# ENDOFTEXT is the token GVE's processor appends after the generation prompt and pools.
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +44,8 @@ class Tokens:
         im_end = tok.convert_tokens_to_ids(IM_END)
         if im_end is None or im_end == tok.unk_token_id:
             raise ValueError(f"tokenizer at {path} has no {IM_END} token")
-        im_start = tok.convert_tokens_to_ids(IM_START)
-        special = () if im_start is None or im_start == tok.unk_token_id else ((IM_START, im_start),)
+        found = {t: tok.convert_tokens_to_ids(t) for t in (IM_START, ENDOFTEXT)}
+        special = tuple((t, i) for t, i in found.items() if i is not None and i != tok.unk_token_id)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
         return cls(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], im_end_id=im_end, pad_id=pad,
                    special=special)
@@ -53,11 +54,12 @@ class Tokens:
 # Special token ids of the random-init tiny model (its vocabulary is bytes + these).
 TINY_IDS = dict(audio_token_id=300, image_token_id=301, video_token_id=302, audio_start_token_id=303,
                 audio_end_token_id=304, vision_start_token_id=305, vision_end_token_id=306)
-TINY_IM_END, TINY_PAD, TINY_IM_START = 307, 0, 308
+TINY_IM_END, TINY_PAD, TINY_IM_START, TINY_ENDOFTEXT = 307, 0, 308, 309
 
 
-def byte_tokens(im_end_id: int = TINY_IM_END, pad_id: int = TINY_PAD, im_start_id: int = TINY_IM_START) -> Tokens:
+def byte_tokens(im_end_id: int = TINY_IM_END, pad_id: int = TINY_PAD, im_start_id: int = TINY_IM_START,
+                endoftext_id: int = TINY_ENDOFTEXT) -> Tokens:
     """UTF-8 bytes shifted by one (0 is padding) under the given special ids: the tiny models'
     tokenizer (default ids) and the tokenizer stand-in of random-init real shapes."""
     return Tokens(encode=lambda s: [b + 1 for b in s.encode()], im_end_id=im_end_id, pad_id=pad_id,
-                  special=((IM_START, im_start_id),))
+                  special=((IM_START, im_start_id), (ENDOFTEXT, endoftext_id)))

@@ -10,6 +10,11 @@ every path reuses them (embedder.embed_paths).
 A clip the pipeline would skip (unreadable media, empty or too long caption) would make the
 gallery smaller than the manifest, which changes every metric: it is an error naming the clip.
 
+GVE's visual queries: the image of the I / TI paths is a still frame of the clip
+(``data.batch.still_frames``), and the composed query's text (TI) is the record's
+``meta.composed_query`` (the synthetic corpus writes "the same shape, moving <motion>"), embedded
+in a pass of its own whose records carry that text as their caption.
+
 Mode "all" (multi-caption benchmarks): the text-bearing paths T, TV, TA get one row per
 caption (store.caption_entries order); captions after a clip's first are embedded in a
 second pass whose records repeat the clip with that caption.
@@ -38,7 +43,7 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import ModelState
 from omniret_jax.config import EmbedConfig
-from omniret_jax.data.batch import caption_token_budget, prepare
+from omniret_jax.data.batch import caption_token_budget, prepare, still_frames
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.eval import compression as C
@@ -52,6 +57,7 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 FINGERPRINT_FILE = "embeddings.json"
 # The paper's compression operating points for D = 3584 (WAVE-7B's hidden size).
 PAPER_DIM, PAPER_INT8_DIM, PAPER_BINARY_DIM = 3584, 1024, 512
+COMPOSED, COMPOSED_KEY = "TI", "composed_query"
 _DATA_KEYS = ("num_frames", "min_pixels", "max_pixels", "audio_seconds", "on_missing_audio", "max_caption_chars",
               "on_long_caption")
 
@@ -105,6 +111,8 @@ class GalleryEmbedder:
     def embed_batch(self, batch: dict, paths: Sequence[str]) -> dict[str, np.ndarray]:
         """{path: float32 [B, D]} for a batch of exactly `batch_size` rows."""
         s = self.state
+        if any("I" in p for p in paths) and "image_patches" not in batch:
+            batch = still_frames(batch, s.cfg.vision)
         host = prepare(batch, paths, s.cfg, s.tokens, self.ecfg)
         inputs = sharding.shard_batch(host, self.mesh)  # every input leaf is batch-first
         out = _embed_jit(s.graphdef, s.trainable, s.frozen, inputs, self.ecfg)
@@ -160,6 +168,14 @@ class GalleryEmbedder:
         if mode not in retrieval.MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {retrieval.MODES}")
         ids = tuple(r.id for r in records)
+        if COMPOSED in paths:
+            rest = [p for p in paths if p != COMPOSED]
+            own = self.embed_records(composed_records(records), [COMPOSED], pcfg, desc="embed composed",
+                                     progress=progress)
+            out = self.embed_gallery(records, rest, mode=mode, pcfg=pcfg, progress=progress) if rest else None
+            if out is None:
+                return EmbeddingSet(own, ids)
+            return dataclasses.replace(out, paths={**out.paths, **own})
         if mode == "first":
             return EmbeddingSet(self.embed_records(records, paths, pcfg, progress=progress), ids)
         entries = caption_entries(records)
@@ -184,6 +200,18 @@ class GalleryEmbedder:
                      for cid, _ in entries]
             out[p] = np.stack(parts)
         return EmbeddingSet(out, ids, tuple(cid for cid, _ in entries))
+
+
+def composed_records(records: Sequence[ManifestRecord]) -> list[ManifestRecord]:
+    """The records with the composed query's text (``meta.composed_query``) as their caption."""
+    out = []
+    for r in records:
+        text = (r.meta or {}).get(COMPOSED_KEY)
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"record {r.id!r} has no meta[{COMPOSED_KEY!r}]: the composed query (TI path, "
+                             "direction TI->V) needs its text")
+        out.append(dataclasses.replace(r, caption=text))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
@@ -226,13 +254,14 @@ def resolve_checkpoint(arg: str | os.PathLike) -> CheckpointRef:
 
 def model_dim(c) -> int:
     """Embedding width D of the config's model, without building it."""
-    from omniret_jax.config import ThinkerConfig, thinker_of_size
+    from omniret_jax.config import backbone_config, qwen_vl_of_size, read_hf_config, thinker_of_size
 
     if c.model.init == "random":
         if "tiny" in c.model:
             return int(c.model.tiny.hidden_size)
-        return thinker_of_size(c.model.get("size", "7b")).text.hidden_size
-    return ThinkerConfig.from_pretrained(c.model.checkpoint).text.hidden_size
+        of_size = qwen_vl_of_size if build.backbone(c) == "gve" else thinker_of_size
+        return of_size(c.model.get("size", "7b")).text.hidden_size
+    return backbone_config(read_hf_config(c.model.checkpoint)).text.hidden_size
 
 
 def load_state(c, ref: CheckpointRef, mesh) -> ModelState:
@@ -307,7 +336,9 @@ def evaluate_checkpoint(c, checkpoint, manifest, out, *, mode: str = "first", bl
     too. Returns the results dict."""
     if mode not in retrieval.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {retrieval.MODES}")
-    directions = list(retrieval.DIRECTIONS if directions is None else directions)
+    if directions is None:  # the config's own (GVE has no audio), else the 12
+        directions = c.get("eval", {}).get("directions") or retrieval.DIRECTIONS
+    directions = list(directions)
     paths = paths_for(directions, extra_paths)  # unknown directions fail here, before any model work
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")

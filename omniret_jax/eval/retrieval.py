@@ -43,8 +43,11 @@ from omniret_jax.eval.store import CAPTION_LEVEL_PATHS, PATH_NAMES, EmbeddingSet
 SINGLE_DIRECTIONS = ("T->V", "V->T", "T->A", "A->T", "V->A", "A->V")
 DUAL_DIRECTIONS = ("T->AV", "AV->T", "A->TV", "TV->A", "V->AT", "AT->V")
 DIRECTIONS = SINGLE_DIRECTIONS + DUAL_DIRECTIONS
+# GVE's visual queries against videos: an image, and the composed query text + image (path TI).
+IMAGE_DIRECTIONS = ("I->V", "TI->V")
+KNOWN_DIRECTIONS = DIRECTIONS + IMAGE_DIRECTIONS
 # Direction side name -> embedding path name ("AT" is the joint text+audio path "TA").
-_SIDE_TO_PATH = {"T": "T", "V": "V", "A": "A", "AV": "AV", "TV": "TV", "AT": "TA"}
+_SIDE_TO_PATH = {"T": "T", "V": "V", "A": "A", "AV": "AV", "TV": "TV", "AT": "TA", "I": "I", "TI": "TI"}
 AVERAGES = {"AVG single": SINGLE_DIRECTIONS, "AVG dual": DUAL_DIRECTIONS, "AVG all": DIRECTIONS}
 MODES = ("first", "all")
 
@@ -58,8 +61,8 @@ DEFAULT_GALLERY_BLOCK = 8192
 
 def direction_paths(direction: str) -> tuple[str, str]:
     """(query path, gallery path) of a direction name; ValueError listing the 12 otherwise."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
+    if direction not in KNOWN_DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; known: {', '.join(KNOWN_DIRECTIONS)}")
     q, g = direction.split("->")
     return _SIDE_TO_PATH[q], _SIDE_TO_PATH[g]
 

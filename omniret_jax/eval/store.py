@@ -1,11 +1,11 @@
 """Embedding cache: one safetensors file holding every evaluated path of a gallery.
 
 File layout (safetensors, little-endian):
-    tensors   one per path name in PATH_NAMES ("T", "V", "A", "AV", "TV", "TA", and "TVA", which no
-              direction scores but `--paths` can add), 2-D
+    tensors   one per path name in PATH_NAMES ("T", "V", "A", "AV", "TV", "TA", "I", "TI", and "TVA",
+              which no direction scores but `--paths` can add), 2-D
               [rows, D]; F32 (written by default), F16, BF16 or F64 are read back as float32.
     metadata  "format":      "omniret-embeddings/1"
-              "ids":         JSON list of clip ids, the row order of V, A, AV, and of the
+              "ids":         JSON list of clip ids, the row order of V, A, AV, I, TI, and of the
                              text-bearing paths T, TV, TA when "caption_ids" is absent.
               "caption_ids": optional JSON list; when present, T, TV and TA hold one row per
                              caption in this order. A caption id is "<clip id>#<k>", k = the
@@ -32,7 +32,7 @@ import numpy as np
 from omniret_jax.convert.tensors import DTYPES, read_header
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 
-PATH_NAMES = ("T", "V", "A", "AV", "TV", "TA", "TVA")
+PATH_NAMES = ("T", "V", "A", "AV", "TV", "TA", "I", "TI", "TVA")
 CAPTION_LEVEL_PATHS = frozenset({"T", "TV", "TA"})
 FORMAT = "omniret-embeddings/1"
 _FLOAT_CODES = ("F32", "F16", "BF16", "F64")

@@ -1,4 +1,4 @@
-"""The device half of the seven embedding paths (T, V, A, AV, TV, TA, TVA), for every backbone.
+"""The device half of the embedding paths (T, V, A, AV, TV, TA, TVA; I, TI), for every backbone.
 
 The towers run once per batch (``encode_media``) and every LLM pass reuses their
 outputs (``embed_path``); each path pools its sequence as ``EmbedConfig.pooling`` says and
@@ -19,6 +19,9 @@ bidirectional by ``TextConfig.causal``) and may have WAVE's capabilities on top,
 - Omni-Embed-Nemotron (pooling "mean", audio branch "whisper", bidirectional attention): the
   mean of the final-norm states over each sequence's real tokens, template included
   (``mean_pool``).
+- GVE (Qwen2.5-VL, pooling "last"): the final-norm state of each sequence's last real token,
+  the ``<|endoftext|>`` after the generation prompt; images (I, TI) run through the same ViT as
+  videos and fill the ``<|image_pad|>`` placeholders.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from omniret_jax.config import EmbedConfig
-from omniret_jax.inputs import AUDIO, VIDEO, Arr, EmbedInputs, PathInputs
+from omniret_jax.inputs import AUDIO, IMAGE, PATH_LETTER, VIDEO, Arr, EmbedInputs, PathInputs
 from omniret_jax.model.thinker import MediaFeatures, Thinker
 
 
@@ -56,6 +59,8 @@ def encode_media(model: Thinker, inputs: EmbedInputs) -> dict[int, MediaFeatures
     media: dict[int, MediaFeatures] = {}
     if inputs.video_patches is not None:
         media[VIDEO] = model.encode_vision(inputs.video_patches, inputs.video_layout)
+    if inputs.image_patches is not None:
+        media[IMAGE] = model.encode_vision(inputs.image_patches, inputs.image_layout)
     if inputs.mel is not None:
         if inputs.fbank is not None:
             media[AUDIO] = model.encode_audio_dual(inputs.mel, inputs.mel_lens, inputs.fbank, inputs.fbank_padding)
@@ -87,7 +92,7 @@ def mean_pool(last: Float[Array, "r s d"], attention_mask: Int[Arr, "r s"], pool
 def embed_path(model: Thinker, path: str, p: PathInputs, media: dict[int, MediaFeatures],
                ecfg: EmbedConfig) -> Float[Array, "b d"]:
     """One LLM pass: the path's tokens with its media, pooled, unit-normalised (float32)."""
-    used = {k: v for k, v in media.items() if (k == VIDEO and "V" in path) or (k == AUDIO and "A" in path)}
+    used = {k: v for k, v in media.items() if PATH_LETTER[k] in path}
     last, states, _ = model(p.input_ids, p.attention_mask, jnp.swapaxes(p.position_ids, 0, 1), p.source, p.index,
                             used, pool_index=p.pool_index, packed=ecfg.packing(path)[0] > 1)
     if ecfg.pooling == "mean":
