@@ -142,7 +142,7 @@ def check_backbone(c) -> None:
     except ValueError as e:
         raise ValueError(f"config.model.backbone={name!r}: {str(e).replace('EmbedConfig.', 'config.embed.')}") from None
     max_frames = c.embed.get("max_frames")
-    if max_frames is not None and c.data.num_frames > max_frames:
+    if max_frames is not None and "data" in c and c.data.num_frames > max_frames:
         raise ValueError(f"config.data.num_frames={c.data.num_frames} is above config.embed.max_frames={max_frames}: "
                          "every clip would be refused")
     if name != "wave":
@@ -369,6 +369,7 @@ def build_state(c, mesh: Mesh, *, train: bool = True, verbose: bool = False) -> 
     if c.model.init == "checkpoint":
         model, tokens = build_model(c, mesh=mesh)
         return place(attach_lora(model, c, train=train), c, mesh, tokens=tokens, verbose=verbose)
+    check_backbone(c)  # with the whole config (the cache key below holds only what builds the model)
     key = json.dumps({k: c[k].to_dict() for k in ("model", "lora", "embed")}, sort_keys=True, default=list)
     graphdef, abstract_trainable, abstract_frozen, init = _random_init(key, train, mesh)
     if verbose:
