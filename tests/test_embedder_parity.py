@@ -137,6 +137,7 @@ def test_seven_paths_match_reference(setup):
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow  # keeps the default run under 20 min on 2 cores
 def test_bfloat16_paths_stay_close(setup):
     ref, path, _ = setup
     model, _ = load_wave(path, precision=Precision.from_names(compute="bfloat16"), progress=False)
@@ -150,6 +151,7 @@ def test_bfloat16_paths_stay_close(setup):
     assert min(cos.values()) >= 0.9999, cos
 
 
+@pytest.mark.slow  # keeps the default run under 20 min on 2 cores
 def test_towers_run_once_per_batch(setup, monkeypatch):
     _, path, _ = setup
     model, _ = load_wave(path, progress=False)

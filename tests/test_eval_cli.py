@@ -117,6 +117,7 @@ def test_cache_reuse_and_step_dir(run):
     assert res["embeddings"]["fingerprint"] == first["embeddings"]["fingerprint"]
 
 
+@pytest.mark.slow  # keeps the default run under 20 min on 2 cores
 def test_mode_all_and_frozen(run, tmp_path):
     """Mode "all" embeds every caption; text rows of equal captions agree across batches and
     passes; the untrained ("none") model gives different vectors than the trained one."""

@@ -210,6 +210,7 @@ def test_3b_presets(preset):
     assert c.data.to_dict() == seven_b.data.to_dict() and c.optim.to_dict() == seven_b.optim.to_dict()
 
 
+@pytest.mark.slow  # keeps the default run under 20 min on 2 cores
 def test_3b_shapes_and_lora_on_qkvo_only():
     c = build.load_config(f"{ROOT}/configs/nemotron_3b.py", {"model.init": "random"})
     _, trainable, frozen, cfg = build.abstract_state(c)

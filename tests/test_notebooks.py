@@ -35,6 +35,7 @@ def _text(nb) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.slow  # keeps the default run under 20 min on 2 cores
 def test_quickstart(tmp_path):
     nb = _execute("quickstart.ipynb", tmp_path, timeout=600)
     text = _text(nb)
