@@ -30,6 +30,17 @@ RANKS = {
 }
 
 
+
+def _parse(path):
+    """ast.parse, retried on CPython 3.11's spurious "AST constructor recursion depth mismatch"
+    SystemError (gh-106905), seen once in a full run; a real syntax error still raises."""
+    for attempt in range(3):
+        try:
+            return ast.parse(path.read_text(), str(path))
+        except SystemError:
+            if attempt == 2:
+                raise
+
 def _unit(module: str) -> str | None:
     """'omniret_jax.data.layout' -> 'data'; None outside the package."""
     parts = module.split(".")
@@ -43,7 +54,7 @@ def _unit(module: str) -> str | None:
 def _imports(path: Path, own: str) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in ``path`` (``own`` = its dotted name)."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
