@@ -30,17 +30,6 @@ RANKS = {
 }
 
 
-
-def _parse(path):
-    """ast.parse, retried on CPython 3.11's spurious "AST constructor recursion depth mismatch"
-    SystemError (gh-106905), seen once in a full run; a real syntax error still raises."""
-    for attempt in range(3):
-        try:
-            return ast.parse(path.read_text(), str(path))
-        except SystemError:
-            if attempt == 2:
-                raise
-
 def _unit(module: str) -> str | None:
     """'omniret_jax.data.layout' -> 'data'; None outside the package."""
     parts = module.split(".")
@@ -54,7 +43,7 @@ def _unit(module: str) -> str | None:
 def _imports(path: Path, own: str) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in ``path`` (``own`` = its dotted name)."""
     out = []
-    for node in ast.walk(_parse(path)):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -78,6 +67,14 @@ def _modules():
         yield path, name
 
 
+# Parsed once at collection, before any test starts a thread: on CPython 3.11 the ast module keeps
+# its recursion counter per interpreter, so an ast.parse racing one in another thread (a jaxtyping
+# import hook in a leftover worker thread, say) fails with "AST constructor recursion depth
+# mismatch" (gh-106905). Seen in full runs, never with this test alone.
+IMPORTS = {path: _imports(path, name) for path, name in _modules()}
+IMPORTS |= {path: _imports(path, f"tests.{path.stem}") for path in sorted((ROOT / "tests").glob("*.py"))}
+
+
 def test_every_unit_has_a_rank():
     units = {_unit(name) for _, name in _modules() if name != "omniret_jax"}
     assert units == set(RANKS), f"modules without a layer: {sorted(units - set(RANKS))}"
@@ -89,7 +86,7 @@ def test_imports_point_only_down():
         if name == "omniret_jax":
             continue
         me = _unit(name)
-        for line, mod in _imports(path, name):
+        for line, mod in IMPORTS[path]:
             other = _unit(mod)
             if other is None or other == me:
                 continue
@@ -102,6 +99,6 @@ def test_imports_point_only_down():
 @pytest.mark.parametrize("path", sorted((ROOT / "tests").glob("*.py")), ids=lambda p: p.name)
 def test_tests_import_only_the_package_and_test_helpers(path):
     local = {p.name for p in ROOT.iterdir() if p.is_dir() or p.suffix == ".py"} - {"omniret_jax", "tests"}
-    bad = [f"{path.name}:{line}: {mod}" for line, mod in _imports(path, f"tests.{path.stem}")
+    bad = [f"{path.name}:{line}: {mod}" for line, mod in IMPORTS[path]
            if mod.split(".")[0] in local]
     assert not bad, "tests import repository code outside the package and tests/: " + ", ".join(bad)

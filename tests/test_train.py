@@ -11,8 +11,9 @@ random batch in DataPipeline's format, or the synthetic corpus for train().
 - Non-finite input: the update is skipped bitwise; train() skips such steps, resets the count
   after a good one and aborts after train.max_nonfinite consecutive ones.
 - Bad input: batch of 1 with L_T, mesh/batch mismatches, unknown CLI config key.
-- Resume: step 2 of an uninterrupted run, continued by train() in a fresh workdir, ends bitwise
-  equal at step 4; slow: SIGTERM mid-run, then continue; CLI smoke (pairwise preset).
+- Resume (slow; test_checkpoint.py's bitwise resume runs by default): step 2 of an uninterrupted
+  run, continued by train() in a fresh workdir, ends bitwise equal at step 4; SIGTERM mid-run,
+  then continue; CLI smoke (pairwise preset).
 - The asynchronous loop (train.prefetch > 0, the default): the producer's order, exceptions (with
   the producer's frames) and shutdown; reads back two values per logged update, none per
   micro-batch; slow: bitwise the same run as train.prefetch=0 through a late-found NaN (rewind).
@@ -327,6 +328,7 @@ def straight(manifest, tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow  # ~2 min on 2 cores with its fixture; test_checkpoint.py's bitwise resume is in the default run
 def test_resume_is_bitwise(manifest, straight, tmp_path):
     """A fresh workdir holding only step 2 of the straight run trains on to step 4 bitwise equal."""
     c = _train_config(manifest)
