@@ -29,31 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omniret_jax import build  # noqa: E402
 from omniret_jax import train as trainer  # noqa: E402
-from omniret_jax.data.synth import SynthSettings, generate  # noqa: E402
+from omniret_jax.data.synth import SynthSettings, generate, write_mp4  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 KINDS = ("empty_caption", "bad_time", "unknown_key", "missing_file", "garbage_bytes", "truncated_mp4",
          "no_video_stream", "no_audio_stream", "silent_audio", "long_caption")
-
-
-def _write_mp4(path: Path, frames=None, wave=None, sr: int = 16000) -> None:
-    import av
-
-    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as c:
-        if frames is not None:
-            v = c.add_stream("libx264", rate=10)
-            v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if wave is not None:
-            a = c.add_stream("aac", rate=sr, layout="mono")
-        if frames is not None:
-            for f in frames:
-                c.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-            c.mux(v.encode())
-        if wave is not None:
-            for s in range(0, len(wave), 1024):
-                fr = av.AudioFrame.from_ndarray(wave[None, s:s + 1024], format="flt", layout="mono")
-                fr.sample_rate, fr.pts = sr, s
-                c.mux(a.encode(fr))
-            c.mux(a.encode())
 
 
 def build_corpus(out: Path, n: int, bad_fraction: float, seconds: float, size: int) -> tuple[Path, dict[str, int]]:
@@ -66,12 +46,12 @@ def build_corpus(out: Path, n: int, bad_fraction: float, seconds: float, size: i
     media = out / "bad"
     media.mkdir(exist_ok=True)
     (media / "garbage.mp4").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    _write_mp4(media / "full.mp4", frames, tone)
+    write_mp4(str(media / "full.mp4"), frames, tone, options={"movflags": "faststart"})
     data = (media / "full.mp4").read_bytes()
     (media / "truncated.mp4").write_bytes(data[: len(data) * 2 // 3])
-    _write_mp4(media / "no_video.mp4", None, tone)
-    _write_mp4(media / "no_audio.mp4", frames, None)
-    _write_mp4(media / "silent.mp4", frames, np.zeros_like(tone))
+    write_mp4(str(media / "no_video.mp4"), None, tone)
+    write_mp4(str(media / "no_audio.mp4"), frames, None)
+    write_mp4(str(media / "silent.mp4"), frames, np.zeros_like(tone))
     lines = [json.dumps(r.to_json(str(out))) for r in good]
     kinds: dict[str, int] = {}
     for i in range(n_bad):
@@ -134,10 +114,7 @@ def main(argv=None) -> dict:
           f"(kept bad ones: {result['bad_records_trained']})")
     for key in sorted(counts):
         print(f"  {key:40s} {counts[key]}")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit(result, args.json)
     return result
 
 

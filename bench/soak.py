@@ -43,6 +43,7 @@ import psutil  # noqa: E402
 
 from omniret_jax import build  # noqa: E402
 from omniret_jax import train as trainer  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 
 def _rss_mb(proc: psutil.Process) -> float:
@@ -174,10 +175,7 @@ def main(argv=None) -> dict:
         print(f"tracemalloc: growth between update {min(snapshots)} and {max(snapshots)}")
         for stat in last.compare_to(first, "lineno")[:10]:
             print(f"  {stat}")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        Path(args.json).write_text(line + "\n")
+    emit(result, args.json)
     return result
 
 

@@ -34,6 +34,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from omniret_jax import build  # noqa: E402
 from omniret_jax import train as trainer  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 build.define_config_flag()
 flags.DEFINE_integer("updates", 40, "optimizer updates per run")
@@ -75,10 +76,7 @@ def main(argv) -> None:
     host, device = result["sync_host_s"], result["sync_device_s"]
     result["overlap"] = round((host + device - result["async_wall_s"]) / min(host, device), 3)
     result["speedup"] = round(result["sync_wall_s"] / result["async_wall_s"], 3)
-    line = json.dumps(result)
-    print(line)
-    if flags.FLAGS.json:
-        Path(flags.FLAGS.json).write_text(line + "\n")
+    emit(result, flags.FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ COMMAND: python bench/train_step.py --config configs/nemotron_3b.py --config.mod
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -67,6 +66,7 @@ from omniret_jax.data.random_batch import random_batch  # noqa: E402
 from omniret_jax.losses import needed_views  # noqa: E402
 from omniret_jax.model.lora import trainable_filter  # noqa: E402
 from omniret_jax.step import StepConfig, train_step  # noqa: E402
+from bench.report import emit  # noqa: E402
 
 GiB = 2**30
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, per device
@@ -335,10 +335,7 @@ def main(argv) -> None:
     if flags.FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/bench.py:tiny")
     result = run(flags.FLAGS.config)
-    line = json.dumps(result)
-    if _JSON.value:
-        Path(_JSON.value).write_text(line + "\n")
-    print(line)
+    emit(result, _JSON.value)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def tiny_hf_vl(seed: int = 0, **kw) -> Qwen2_5_VLForConditionalGeneration:
     return _randomised(Qwen2_5_VLForConditionalGeneration(tiny_hf_vl_config(**kw)).eval())
 
 
+def saved_tiny_vl(directory, seed: int):
+    """tiny_hf_vl(seed) and the directory save_pretrained wrote it to (what the converter loads)."""
+    hf = tiny_hf_vl(seed=seed)
+    hf.save_pretrained(directory / "qwen_vl")
+    return hf, directory / "qwen_vl"
+
+
 def _randomised(model):
     with torch.no_grad():
         for name, p in model.named_parameters():

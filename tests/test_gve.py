@@ -41,7 +41,7 @@ from omniret_jax.data.tokens import ENDOFTEXT, TINY_ENDOFTEXT, Tokens
 from omniret_jax.data.tokens import IM_START as IM_START_TEXT
 from omniret_jax.inputs import IMAGE, VIDEO
 from omniret_jax.model import embedder as E
-from tests.hf_tiny import IM_END, IM_START, IMAGE_ID, VIDEO_ID, VISION_BOS, VISION_EOS, tiny_hf_vl
+from tests.hf_tiny import IM_END, IM_START, IMAGE_ID, VIDEO_ID, VISION_BOS, VISION_EOS, saved_tiny_vl
 from tests.parity import PATCH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +72,7 @@ def gve_ecfg(instruction: str | None = None):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    hf = tiny_hf_vl(seed=21)
-    path = tmp_path_factory.mktemp("gve") / "qwen_vl"
-    hf.save_pretrained(path)
-    return hf, path
+    return saved_tiny_vl(tmp_path_factory.mktemp("gve"), seed=21)
 
 
 @pytest.fixture(scope="module")

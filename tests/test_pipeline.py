@@ -10,7 +10,6 @@ import json
 import os
 import time
 
-import av
 import numpy as np
 import pytest
 
@@ -32,26 +31,6 @@ def corpus(tmp_path_factory):
     synth.generate(str(out), 6, seed=2, settings=synth.SynthSettings(seconds=2.0, size=32),
                    progress=False)
     return read_manifest(out / "manifest.jsonl")
-
-
-def _write_mp4(path, frames=None, wave=None, options=None, sr=SR):
-    """An MP4 with an optional H.264 stream and an optional mono AAC stream at ``sr`` Hz."""
-    with av.open(str(path), "w", format="mp4", options=options or {}) as c:
-        if frames is not None:
-            v = c.add_stream("libx264", rate=10)
-            v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if wave is not None:
-            a = c.add_stream("aac", rate=sr, layout="mono")
-        if frames is not None:
-            for f in frames:
-                c.mux(v.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-            c.mux(v.encode())
-        if wave is not None:
-            for s in range(0, len(wave), 1024):
-                fr = av.AudioFrame.from_ndarray(wave[None, s:s + 1024], format="flt", layout="mono")
-                fr.sample_rate, fr.pts = sr, s
-                c.mux(a.encode(fr))
-            c.mux(a.encode())
 
 
 def _expected_view(record, cfg, wave_override=None):
@@ -188,13 +167,13 @@ def bad_records(corpus, tmp_path_factory):
     good = corpus[0].video
     (d / "empty.mp4").write_bytes(b"")
     (d / "garbage.mp4").write_bytes(rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
-    _write_mp4(d / "faststart.mp4", frames, tone, options={"movflags": "faststart"})
+    synth.write_mp4(str(d / "faststart.mp4"), frames, tone, options={"movflags": "faststart"})
     data = (d / "faststart.mp4").read_bytes()
     (d / "truncated.mp4").write_bytes(data[: len(data) * 2 // 3])  # header intact, data cut
     (d / "unknown_codec.mp4").write_bytes(open(good, "rb").read().replace(b"avc1", b"zzzz"))
-    _write_mp4(d / "no_video.mp4", None, tone)
-    _write_mp4(d / "no_audio.mp4", frames, None)
-    _write_mp4(d / "silent.mp4", frames, np.zeros(2 * SR, np.float32))
+    synth.write_mp4(str(d / "no_video.mp4"), None, tone)
+    synth.write_mp4(str(d / "no_audio.mp4"), frames, None)
+    synth.write_mp4(str(d / "silent.mp4"), frames, np.zeros(2 * SR, np.float32))
 
     def rec(rid, video, **kw):
         return ManifestRecord(id=rid, caption=kw.pop("caption", f"clip {rid}"), video=str(video), **kw)
@@ -362,7 +341,7 @@ def odd_clips(tmp_path_factory):
         frames[:, : h // 4] = (np.arange(n) * 20 % 255)[:, None, None, None]  # some motion
         t = np.arange(int(seconds * sr)) / sr
         wave = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
-        _write_mp4(d / f"clip{i}.mp4", frames, wave, sr=sr)
+        synth.write_mp4(str(d / f"clip{i}.mp4"), frames, wave, sample_rate=sr)
         records.append(ManifestRecord(id=name, caption=f"an odd clip {name}", video=str(d / f"clip{i}.mp4")))
     return records
 

@@ -34,17 +34,14 @@ from omniret_jax.data.layout import Image, Video, batch_media, expand_turn, pad_
 from omniret_jax.inputs import IMAGE, VIDEO
 from omniret_jax.model.lora import LoRAConfig, lora_modules
 from omniret_jax.model.thinker import Thinker
-from tests.hf_tiny import IM_END, IMAGE_ID, VIDEO_ID, tiny_hf_vl
+from tests.hf_tiny import IM_END, IMAGE_ID, VIDEO_ID, saved_tiny_vl, tiny_hf_vl
 from tests.parity import compare, flax_forward, vision_inputs, vision_items
 from tests.test_peft import ALPHA, PEFT_TARGET, RANK, _bytes, _fresh_flax, _peft_model, _randomised_flax, _tensors
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    hf = tiny_hf_vl(seed=5)
-    path = tmp_path_factory.mktemp("vl") / "qwen_vl"
-    hf.save_pretrained(path)
-    return hf, path
+    return saved_tiny_vl(tmp_path_factory.mktemp("vl"), seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -157,30 +157,37 @@ def render_audio(attrs: dict[str, str], rng: np.random.Generator,
     return np.clip(wave, -1, 1).astype(np.float32)
 
 
-def encode_mp4(path: str, frames: np.ndarray, wave: np.ndarray, s: SynthSettings) -> None:
-    """Writes an MP4 with one H.264 (yuv420p) video stream and one mono AAC stream."""
-    for codec in ("libx264", "aac"):
+def write_mp4(path: str, frames: np.ndarray | None, wave: np.ndarray | None, *, fps: int = 10,
+              sample_rate: int = 16000, options: dict[str, str] | None = None) -> None:
+    """Writes an MP4 with an H.264 (yuv420p) stream of ``frames`` (T, H, W, 3) uint8 and a mono AAC
+    stream of ``wave`` (float32), either one optional; ``options`` go to the container (e.g.
+    movflags). Written to a temporary name and renamed, so a reader never sees half a file."""
+    needed = (["libx264"] if frames is not None else []) + (["aac"] if wave is not None else [])
+    for codec in needed:
         if codec not in av.codecs_available:
-            raise RuntimeError(f"PyAV build lacks the {codec!r} encoder needed by the synthetic corpus")
+            raise RuntimeError(f"PyAV build lacks the {codec!r} encoder needed to write {path}")
     tmp = f"{path}.tmp{os.getpid()}.mp4"
-    with av.open(tmp, "w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=s.fps)
-        video.width = video.height = s.size
-        video.pix_fmt = "yuv420p"
-        # One thread keeps the encoded bytes deterministic; small frames do not need more.
-        video.options = {"preset": "veryfast", "crf": "20", "threads": "1"}
-        audio = container.add_stream("aac", rate=s.sample_rate, layout="mono")
-        for frame in frames:
-            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(video.encode())
-        chunk = 1024
-        for start in range(0, len(wave), chunk):
-            frame = av.AudioFrame.from_ndarray(wave[None, start:start + chunk], format="flt",
-                                               layout="mono")
-            frame.sample_rate = s.sample_rate
-            frame.pts = start
-            container.mux(audio.encode(frame))
-        container.mux(audio.encode())
+    with av.open(tmp, "w", format="mp4", options=options or {}) as container:
+        if frames is not None:
+            video = container.add_stream("libx264", rate=fps)
+            video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            # One thread keeps the encoded bytes deterministic; small frames do not need more.
+            video.options = {"preset": "veryfast", "crf": "20", "threads": "1"}
+        if wave is not None:
+            audio = container.add_stream("aac", rate=sample_rate, layout="mono")
+        if frames is not None:
+            for frame in frames:
+                container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(video.encode())
+        if wave is not None:
+            chunk = 1024
+            for start in range(0, len(wave), chunk):
+                frame = av.AudioFrame.from_ndarray(wave[None, start:start + chunk], format="flt",
+                                                   layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                container.mux(audio.encode(frame))
+            container.mux(audio.encode())
     os.replace(tmp, path)
 
 
@@ -193,7 +200,7 @@ def make_clip(out_dir: str, seed: int, index: int, s: SynthSettings) -> Manifest
     wave = render_audio(attrs, rng, s)
     clip_id = f"synth-{index:06d}"
     path = os.path.join(out_dir, "clips", f"{clip_id}.mp4")
-    encode_mp4(path, frames, wave, s)
+    write_mp4(path, frames, wave, fps=s.fps, sample_rate=s.sample_rate)
     return ManifestRecord(id=clip_id, caption=caption, video=os.path.abspath(path),
                           meta=dict(attrs, composed_query=composed_query(attrs)))
 
