@@ -43,7 +43,7 @@ def run(c) -> dict:
     state = build.build_state(c, mesh, train=False)
     ecfg = build.embed_config(c)
     caption_tokens = c.bench.caption_tokens if "bench" in c else None
-    batch = random_batch(c, b, seed=0, augment=False, caption_tokens=caption_tokens)
+    batch = random_batch(c, b, seed=0, augment=False, caption_tokens=caption_tokens, bucketed=True)
 
     @jax.jit
     def embed(trainable, frozen, inputs):

@@ -61,7 +61,7 @@ def host_inputs(c, b: int, model_cfg, tokens):
     lcfg, ecfg = build.loss_config(c), build.embed_config(c)
     plan, chars = needed_views(lcfg), _CAPTION_CHARS.value
     batch = random_batch(c, b, seed=0, augment=bool(plan.aug), caption_chars=(chars // 2, chars * 3 // 2),
-                         caption_tokens=c.bench.caption_tokens if "bench" in c else None)
+                         caption_tokens=c.bench.caption_tokens if "bench" in c else None, bucketed=True)
     return build_inputs(batch, 1, model_cfg, tokens, ecfg, plan, seed=c.train.seed, neg_towers=True)
 
 

@@ -351,7 +351,7 @@ def main(argv=None) -> int:
         wave.thinker.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     collator = W.Collator(wave, c, device)
-    batch = random_batch(c, b, seed=args.seed, augment=True, caption_tokens=c.bench.caption_tokens)
+    batch = random_batch(c, b, seed=args.seed, augment=True, caption_tokens=c.bench.caption_tokens, bucketed=True)
     common = dict(side="torch", widths=c.bench.widths, batch=b, device=str(device),
                   dtype=str(frozen_dtype).replace("torch.", ""), threads=torch.get_num_threads(), warmup=args.warmup)
 

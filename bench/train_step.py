@@ -227,7 +227,7 @@ def run(c) -> dict:
     chars = _CAPTION_CHARS.value
     plan = needed_views(lcfg)
     batch = random_batch(c, b, seed=0, augment=bool(plan.aug), caption_chars=(chars // 2, chars * 3 // 2),
-                         caption_tokens=caption_tokens)
+                         caption_tokens=caption_tokens, bucketed=True)
     host = build_inputs(batch, 1, model_cfg, tokens, ecfg, plan, seed=c.train.seed)
     flops = step_flops(groups, host, batch, lcfg, ecfg)
 

@@ -44,6 +44,11 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         synth_n=256, synth_seconds=3.0, synth_size=64, synth_seed=0,
         num_frames=8, min_pixels=50176, max_pixels=50176, audio_seconds=8.0, audio_mode="start",
         on_missing_audio="silence", max_caption_chars=2048, num_workers=0,
+        # Patch-row buckets below the every-clip bound P (omniret_jax.data.pipeline.PipelineConfig
+        # .patch_bucket_sizes): None -> the frame-area one (1024 at 224 * 224: a batch of ordinary
+        # clips pads its video rows and ViT input to that, not to 2080); () -> the bound only
+        # (one compile); a tuple -> those. Each size met compiles the step once.
+        patch_buckets=ml_collections.config_dict.placeholder(tuple),
         # A caption over the token budget (embed.text_len - 1 tokens, printed at
         # start-up) is truncated (the reference never cuts one: fixed shapes need a bound) or
         # skipped; counted under caption/too_many_tokens either way.

@@ -92,9 +92,9 @@ def get_config(arg: str = "paper,full") -> ml_collections.ConfigDict:
     c.model.precision.update(compute="bfloat16", trainable="float32", frozen="bfloat16")
     c.model.remat = "full"
     c.data.num_workers = 16
-    # Row lengths follow from the media and the caption budget: the video block holds the largest
-    # grid smart_resize can return at 224 px (520 tokens for sliver frames it rounds up; an ordinary
-    # clip has 256), 8 s of doubled audio 400, and every TVA row reserves text_len - 1 caption
+    # Row lengths follow from the media and the caption budget: the video block holds the batch's
+    # patch bucket (256 tokens when every clip is an ordinary one, else the largest grid smart_resize
+    # can return at 224 px: 520 tokens for sliver frames it rounds up), 8 s of doubled audio 400, and every TVA row reserves text_len - 1 caption
     # tokens, so the budget is what the joint rows pad to. 95 tokens hold ~70 words; longer captions are truncated and
     # counted by the pipeline (data.on_long_caption).
     c.embed.text_len = 96

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import define_config_flag
 from omniret_jax.checkpoint import TrainCheckpointer
-from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked
+from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked, cut_patches
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
@@ -94,7 +94,7 @@ def pipeline_config(c, *, augment: bool, caption_tokens: int | None = None) -> P
         caption_tokens=caption_tokens, on_long_caption=d.on_long_caption,
         text_negative="dataset" if d.text_negative == "dataset" else "none", augment=augment,
         on_bad_record=d.on_bad_record, on_bad_sample="replace", max_replacements=d.max_replacements,
-        num_workers=d.num_workers)
+        num_workers=d.num_workers, patch_buckets=d.get("patch_buckets"))
 
 
 class MetricsWriter:
@@ -136,7 +136,7 @@ def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
 
 
 class RowExchange:
-    """Every process's per-row metadata (the hard negatives') through jax.distributed's key-value
+    """Every process's per-row metadata (the hard negatives', the clips' patch need) through jax.distributed's key-value
     store rather than a device collective: the producer thread lays batches out while the main
     thread's step runs, and collectives must not be issued from two threads at once."""
 
@@ -147,26 +147,27 @@ class RowExchange:
         self._me, self._count = jax.process_index(), jax.process_count()
         self._lag, self._timeout_s = lag, timeout_s
 
-    def gather(self, micro: int, stop: threading.Event | None = None):
+    def gather(self, micro: int, stop: threading.Event | None = None, what: str = "rows"):
         """``build_inputs``' ``gather`` of micro-batch ``micro``: the dict over the global batch,
-        every process's rows in process order (= global row order). Set ``stop`` to give up."""
+        every process's rows in process order (= global row order). Set ``stop`` to give up;
+        ``what`` names the exchange (one key each per micro-batch)."""
         def gather(meta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             buf = io.BytesIO()
             np.savez(buf, **meta)
             # A rewound loop lays the same micro-batch out again: the same rows, the same bytes.
-            self._client.key_value_set_bytes(self._key(micro, self._me), buf.getvalue(), allow_overwrite=True)
-            parts = [self._get(self._key(micro, p), stop) for p in range(self._count)]
+            self._client.key_value_set_bytes(self._key(what, micro, self._me), buf.getvalue(), allow_overwrite=True)
+            parts = [self._get(self._key(what, micro, p), stop) for p in range(self._count)]
             if micro >= self._lag:
                 # Every process has read it by now: each step is a collective over all processes and
                 # neither a producer nor the device runs more than lag micro-batches ahead of a step.
-                self._client.key_value_delete(self._key(micro - self._lag, self._me))
+                self._client.key_value_delete(self._key(what, micro - self._lag, self._me))
             return {k: np.concatenate([p[k] for p in parts]) for k in meta}
 
         return gather
 
     @staticmethod
-    def _key(micro: int, process: int) -> str:
-        return f"omniret_jax/rows/{micro}/{process}"
+    def _key(what: str, micro: int, process: int) -> str:
+        return f"omniret_jax/{what}/{micro}/{process}"
 
     def _get(self, key: str, stop: threading.Event | None) -> dict[str, np.ndarray]:
         deadline = time.monotonic() + self._timeout_s
@@ -373,7 +374,7 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     pcfg = pipeline_config(c, augment=bool(plan.aug), caption_tokens=budget)
     pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows)
     if jax.process_index() == 0:
-        print(f"inputs: {pcfg.num_patches} patch rows per clip, captions up to {budget} tokens "
+        print(f"inputs: {'/'.join(map(str, pcfg.patch_bucket_sizes))} patch rows per clip, captions up to {budget} tokens "
               f"({c.data.on_long_caption} beyond), global micro-batch {c.train.batch_size} x {accumulate} "
               f"accumulated = {c.train.batch_size * accumulate} per update, {jax.process_count()} process(es)"
               + (f", gradient caching: {cache.chunks} chunks of {c.train.batch_size // cache.chunks}" if cache.on else ""))
@@ -417,6 +418,8 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
         batch = next(pipeline)
         data_state = {"pipeline": pipeline.get_state(), "micro_batches": micro + 1}
         counter = rotation_count(lcfg, micro, updates_done)
+        batch = cut_patches(batch, pcfg.patch_bucket_sizes,
+                            gather=None if exchange is None else exchange.gather(micro, stop, "patches"))
         host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
                             text_negative=c.data.text_negative, row_offset=rows[0],
                             gather=None if exchange is None else exchange.gather(micro, stop), neg_towers=cache.on)

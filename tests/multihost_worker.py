@@ -48,7 +48,7 @@ def compute(manifest: str, *, gather_for=None) -> dict[str, np.ndarray]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from omniret_jax import build, sharding
-    from omniret_jax.data.batch import build_inputs, caption_token_budget
+    from omniret_jax.data.batch import build_inputs, caption_token_budget, cut_patches
     from omniret_jax.data.pipeline import DataPipeline
     from omniret_jax.losses import needed_views
     from omniret_jax.train import pipeline_config
@@ -64,7 +64,9 @@ def compute(manifest: str, *, gather_for=None) -> dict[str, np.ndarray]:
     with DataPipeline(manifest, pipeline_config(c, augment=True, caption_tokens=budget), tokens=tokens,
                       rows=rows) as pipe:
         for k in range(BATCHES):
-            batch = next(pipe)
+            # The trainer's order: every process cuts the patches to the bucket of the global batch.
+            batch = cut_patches(next(pipe), pcfg.patch_bucket_sizes,
+                                gather=None if gather_for is None else gather_for(k, None, "patches"))
             out[f"b{k}.ids"] = np.asarray(batch["id"])
             for key in ("caption_ids", "video_patches", "video_grid_thw", "mel", "fbank"):
                 out[f"b{k}.{key}"] = batch[key]

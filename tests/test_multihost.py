@@ -4,7 +4,8 @@
 - Quick (default run): tests/multihost_worker.py in each process builds its rows of 3 global
   batches (pipeline, augmentations, host layouts with the hard negatives of all three slots from
   the exchanged row metadata), gathers rows across processes on the devices, places replicated
-  and sharded values; the two halves concatenated equal the one-process arrays exactly.
+  and sharded values; the two halves concatenated equal the one-process arrays exactly. The
+  corpus holds one sliver clip: its global batch takes the larger patch bucket in both processes.
 - Slow: the train CLI with --config.distributed.* in two processes vs the CLI in one process:
   same losses (1e-6 relative) and trainables (1e-5 relative), printed with the wall times.
 """
@@ -23,7 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-from omniret_jax.data.synth import SynthSettings, generate
+from omniret_jax.data.manifest import ManifestRecord, read_manifest, write_manifest
+from omniret_jax.data.synth import SynthSettings, generate, write_mp4
 from tests import multihost_worker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +65,18 @@ def _run_all(commands: list[list[str]], devices: int, timeout: int, cwd=REPO) ->
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> str:
+    """16 synthetic 64x64 clips and one 24x72 sliver that smart_resize rounds up to 64 patch rows
+    (the tiny config's buckets are 32 and 232): a global batch holding it takes the larger bucket
+    in both processes, though only one of them has the sliver."""
     out = tmp_path_factory.mktemp("mh_corpus")
     generate(str(out), 16, seed=3, settings=SynthSettings(seconds=2.0, size=64), progress=False)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (20, 24, 72, 3), dtype=np.uint8)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)).astype(np.float32)
+    write_mp4(str(out / "clips" / "sliver.mp4"), frames, tone)
+    records = read_manifest(out / "manifest.jsonl") + [
+        ManifestRecord(id="sliver", caption="a thin strip of noise with a tone", video=str(out / "clips" / "sliver.mp4"))]
+    write_manifest(out / "manifest.jsonl", records)
     return str(out / "manifest.jsonl")
 
 
@@ -88,7 +100,14 @@ def test_two_processes_build_the_same_global_batch(manifest, tmp_path):
     # the hard negatives really cross the process boundary: some rows of process 0 take another's
     cross = [k for k in range(multihost_worker.BATCHES) if (halves[0][f"b{k}.neg_rows"] >= 4).any()]
     assert cross, "no hard negative of process 0 came from process 1's rows"
-    print(f"{len(keys)} arrays equal; micro-batches with cross-process negatives: {cross}")
+    # the patch bucket is the global batch's: both processes cut to 232 where only one holds the sliver
+    sizes = [whole[f"b{k}.video_patches"].shape[1] for k in range(multihost_worker.BATCHES)]
+    assert set(sizes) == {32, 232}, sizes
+    alone = [k for k in range(multihost_worker.BATCHES) if sizes[k] == 232 and
+             min(np.prod(h[f"b{k}.video_grid_thw"], axis=1).max() for h in halves) <= 32]
+    assert alone, "no batch where only one process needed the larger patch bucket"
+    print(f"{len(keys)} arrays equal; micro-batches with cross-process negatives: {cross}; patch rows per "
+          f"micro-batch {sizes} (one process alone needed 232 in {alone})")
 
 
 def _train_cmd(workdir: Path, manifest: str, *extra: str) -> list[str]:

@@ -9,7 +9,10 @@ video grids, short audio, captions of 1 to 40 tokens):
   likewise on the tiny Omni-Embed-Nemotron (configs/nemotron_tiny.py: bidirectional attention
   within each sequence, each sequence's own mean pool);
 - a pass whose sequences do not fit the packed rows falls back to the unpacked layout;
-- a row's embedding does not depend on how long the other rows of its pass are.
+- a row's embedding does not depend on how long the other rows of its pass are;
+- a batch cut to the smallest patch bucket that holds its clips (32 of the bound's 232 rows per
+  clip here) embeds as the uncut batch on every path (<= 1e-5) with shorter rows; a clip above
+  every bucket is refused, naming its patch count.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from flax import nnx
 
 from omniret_jax import build
 from omniret_jax.config import PATHS
-from omniret_jax.data.batch import prepare
+from omniret_jax.data.batch import cut_patches, patches_needed, prepare
+from omniret_jax.data.pipeline import PipelineConfig
 from omniret_jax.data.random_batch import random_batch
 from omniret_jax.model.embedder import embed_paths
 
@@ -128,3 +132,27 @@ def test_row_does_not_depend_on_other_rows(setup):
     err = max(float(np.max(np.abs(got[p][0] - ref[p][0]))) for p in ("T", "TV"))
     print(f"row 0 with other rows changed: max abs err {err:.1e}")
     assert err <= TOL
+
+
+def test_patch_bucket_cut_changes_no_embedding(setup):
+    c, model, batch, _ = setup
+    ecfg = build.embed_config(c)
+    sizes = PipelineConfig(num_frames=c.data.num_frames, min_pixels=c.data.min_pixels,
+                           max_pixels=c.data.max_pixels).patch_bucket_sizes
+    assert sizes == (32, 232) and batch["video_patches"].shape[1] == 232 and patches_needed(batch) == 32
+    cut = cut_patches(batch, sizes)
+    assert cut["video_patches"].shape[1] == 32
+    full_inputs, full = _embed(setup, ecfg)
+    cut_inputs, got = _embed(setup, ecfg, batch=cut)
+    shorter = {p: (full_inputs.paths[p].input_ids.shape[1], cut_inputs.paths[p].input_ids.shape[1]) for p in PATHS}
+    assert all(b < a for p, (a, b) in shorter.items() if "V" in p), shorter
+    errs = {p: float(np.max(np.abs(got[p] - full[p]))) for p in PATHS}
+    print(f"P 232 -> 32: row lengths {shorter}; max abs err {errs}")
+    assert max(errs.values()) <= TOL, errs
+    # a clip above every bucket but the bound takes the bound; above the bound it is refused
+    grids = batch["video_grid_thw"].copy()
+    grids[1] = (2, 6, 8)
+    assert cut_patches(dict(batch, video_grid_thw=grids), sizes)["video_patches"].shape[1] == 232
+    grids[1] = (2, 12, 12)
+    with pytest.raises(ValueError, match="a clip holds 288 patch rows, more than the largest bucket 232"):
+        cut_patches(dict(batch, video_grid_thw=grids), sizes)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from omniret_jax.data import decode, features, pipeline, synth
+from omniret_jax.data.batch import cut_patches
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.data.tokens import byte_tokens
@@ -302,7 +303,7 @@ def test_unusable_corpus_fails_loudly(corpus):
 
 def test_config_and_argument_errors(corpus, tmp_path):
     for bad in ({"on_missing_audio": "drop"}, {"audio_mode": "end"}, {"batch_size": 0},
-                {"num_frames": 200}, {"min_pixels": 9000, "max_pixels": 3000}):
+                {"num_frames": 200}, {"min_pixels": 9000, "max_pixels": 3000}, {"patch_buckets": (1022,)}):
         with pytest.raises(ValueError, match="bad PipelineConfig"):
             PipelineConfig(**bad)
     with pytest.raises(ValueError, match="process_index"):
@@ -312,6 +313,10 @@ def test_config_and_argument_errors(corpus, tmp_path):
     # Training defaults: 8 frames at 224x224 -> 4 x 256 patch rows, but smart_resize can round an
     # elongated frame up to 2 x 65 blocks of 28 px (19x1216 -> 56x1820): 4 x 520 rows.
     assert PipelineConfig().num_patches == 2080
+    # A batch is cut to 4 x 256 rows when every clip fits (any frame of >= 224 * 224 pixels does).
+    assert PipelineConfig().patch_bucket_sizes == (1024, 2080)
+    assert PipelineConfig(patch_buckets=()).patch_bucket_sizes == (2080,)
+    assert PipelineConfig(patch_buckets=[512, 4096, 512]).patch_bucket_sizes == (512, 2080)
     # A manifest path works as the source.
     path = os.path.join(os.path.dirname(corpus[0].video), os.pardir, "manifest.jsonl")
     with DataPipeline(path, dataclasses.replace(CFG, max_pixels=56 * 56, audio_seconds=1.0),
@@ -374,6 +379,11 @@ def test_odd_clips_at_the_paper_settings_are_all_kept(odd_clips):
     assert grids["64x48"] == (4, 14, 20)      # 196x280: 280 patches per step, more than 50176 px allow
     assert grids["32x1024"] == (4, 92, 4)     # 1288x56
     assert grids["1920x1080"] == (4, 12, 20) and grids["1080x1920"] == (4, 20, 12)  # 168x280, 280x168
+    # the patch bucket each takes alone: frames smart_resize rounds up need the bound
+    bucket = {r.id: cut_patches(b, PAPER.patch_bucket_sizes)["video_patches"].shape[1] for r, b in zip(odd_clips, batches)}
+    print(f"patch buckets {PAPER.patch_bucket_sizes}: {bucket}")
+    assert bucket["320x240"] == bucket["1920x1080"] == bucket["1080x1920"] == 1024
+    assert bucket["64x48"] == bucket["32x1024"] == 2080
 
 
 def _good_and_bad(corpus, bad_records):

@@ -297,6 +297,43 @@ def _capacity(batch: dict, model_cfg, ecfg: EmbedConfig) -> dict[int, int]:
     return cap
 
 
+def patches_needed(batch: dict) -> int:
+    """The most patch rows one clip of ``batch`` (or of its augmented view ``batch['aug']``)
+    holds: the product of its ``video_grid_thw``; 0 without video."""
+    views = [batch] + ([batch["aug"]] if isinstance(batch.get("aug"), dict) else [])
+    grids = [np.asarray(v["video_grid_thw"]).reshape(-1, 3) for v in views if "video_grid_thw" in v]
+    return max((int(np.prod(g, axis=1).max()) for g in grids if len(g)), default=0)
+
+
+def cut_patches(batch: dict, sizes: Sequence[int], gather=None) -> dict:
+    """``batch`` with ``video_patches`` (its augmented view's too) cut to the smallest P of
+    ``sizes`` (ascending: the pipeline's ``patch_bucket_sizes``) that holds every clip of the
+    global batch. ``gather`` (as in ``build_inputs``: a dict of per-row arrays -> the same over
+    all processes) makes every process cut to the same P; alone, this batch is the global one.
+    The rows cut off are padding, so every path's embedding is the same at any P that holds the
+    clips; shorter video rows and ViT input are what a batch of ordinary clips gains."""
+    need = patches_needed(batch)
+    if gather is not None and len(sizes) > 1:
+        need = int(gather({"need": np.array([need], np.int32)})["need"].max())
+    fits = [int(p) for p in sizes if p >= need]
+    if not fits:
+        raise ValueError(f"a clip holds {need} patch rows, more than the largest bucket {max(sizes)}")
+    size = fits[0]
+
+    def cut(view: dict) -> dict:
+        if "video_patches" not in view:
+            return view
+        patches = view["video_patches"]
+        if np.shape(patches)[1] < size:
+            raise ValueError(f"video_patches hold {np.shape(patches)[1]} rows per clip, fewer than the bucket {size}")
+        return dict(view, video_patches=patches[:, :size])
+
+    out = cut(batch)
+    if isinstance(batch.get("aug"), dict):
+        out["aug"] = cut(batch["aug"])
+    return out
+
+
 def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
             row_offset: int = 0) -> EmbedInputs:
     """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.

@@ -83,6 +83,9 @@ class PipelineConfig:
     temporal_patch_size: int = 2
     merge_size: int = 2
     max_patches: int | None = None  # fixed P; None derives the bound from the settings above
+    # Smaller P a batch is cut to when all its clips fit (one compile each, the bound's last);
+    # None: the frame-area bucket (see patch_buckets), (): the bound only (one compile).
+    patch_buckets: tuple[int, ...] | None = None
     # audio (16 kHz mono: both audio towers were trained at that rate)
     audio_seconds: float = 8.0
     audio_mode: str = "start"  # "start" (reference), "center" or "random"
@@ -138,6 +141,13 @@ class PipelineConfig:
             problems.append(f"sample_timeout_s={self.sample_timeout_s} must be > 0 or None")
         if self.max_patches is not None and self.max_patches < 1:
             problems.append(f"max_patches={self.max_patches} must be >= 1 or None")
+        if self.patch_buckets is not None:
+            object.__setattr__(self, "patch_buckets", tuple(int(p) for p in self.patch_buckets))
+            unit = self.merge_size ** 2
+            bad = [p for p in self.patch_buckets if p < 1 or p % unit]
+            if bad:
+                problems.append(f"patch_buckets={self.patch_buckets}: {bad} are not positive multiples of "
+                                f"merge_size**2={unit}")
         if problems:
             raise ValueError("bad PipelineConfig: " + "; ".join(problems))
 
@@ -163,6 +173,25 @@ class PipelineConfig:
         blocks = features.max_resize_blocks(factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
                                             max_pixels=self.max_pixels)
         return self.temporal_grids * blocks * self.merge_size ** 2
+
+    @property
+    def patch_bucket_sizes(self) -> tuple[int, ...]:
+        """The P a batch's video_patches may be cut to, ascending, the bound ``num_patches`` last:
+        a batch takes the smallest that holds every clip of the global batch (``data.batch.
+        cut_patches``), so the step compiles once per size it meets. By default one bucket below
+        the bound: ``temporal_grids * floor(max_pixels / 28**2) * 4`` patches (1024 at the training
+        settings), what every frame of at least max_pixels gets (smart_resize only shrinks it);
+        small or sliver frames that it rounds up take the bound (2080). Without it an ordinary
+        224x224 batch would pad its video rows and ViT patches to twice their length.
+        """
+        bound = self.num_patches
+        if self.patch_buckets is None:
+            factor = self.patch_size * self.merge_size
+            frame = self.temporal_grids * (self.max_pixels // factor ** 2) * self.merge_size ** 2
+            smaller = (frame,) if 0 < frame < bound else ()
+        else:
+            smaller = tuple(p for p in self.patch_buckets if p < bound)
+        return tuple(sorted(set(smaller))) + (bound,)
 
     @property
     def max_video_tokens(self) -> int:

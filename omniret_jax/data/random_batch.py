@@ -17,15 +17,22 @@ import math
 import numpy as np
 
 from omniret_jax.data import features
+from omniret_jax.data.batch import cut_patches
 from omniret_jax.data.pipeline import SAMPLE_RATE, PipelineConfig
 
 WORDS = "a the red blue small loud quiet dog cat bird piano river street rain sings runs barks plays".split()
 
 
+def _pipeline_config(c) -> PipelineConfig:
+    d = c.data
+    return PipelineConfig(num_frames=d.num_frames, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                          patch_buckets=d.get("patch_buckets"))
+
+
 def random_view(rng: np.random.Generator, c, b: int, caption_chars: tuple[int, int] = (12, 60),
                 caption_tokens: int | None = None) -> dict:
     """One view of ``b`` clips for config ``c`` (its data.* media settings); see the module docstring."""
-    pcfg = PipelineConfig(num_frames=c.data.num_frames, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+    pcfg = _pipeline_config(c)
     side = math.isqrt(c.data.max_pixels) // pcfg.patch_size
     t_full = pcfg.temporal_grids
     samples = int(round(c.data.audio_seconds * SAMPLE_RATE))
@@ -66,10 +73,13 @@ def random_view(rng: np.random.Generator, c, b: int, caption_chars: tuple[int, i
 
 
 def random_batch(c, b: int, seed: int = 0, *, augment: bool = True, caption_chars=(12, 60),
-                 caption_tokens: int | None = None) -> dict:
-    """A pipeline-format batch of random arrays, with the augmented view under ``aug``."""
+                 caption_tokens: int | None = None, bucketed: bool = False) -> dict:
+    """A pipeline-format batch of random arrays, with the augmented view under ``aug``;
+    ``bucketed``: its patches cut to the bucket the trainer cuts such a batch to (``cut_patches``)."""
     rng = np.random.default_rng(seed)
     batch = {"id": [f"clip{i}" for i in range(b)], **random_view(rng, c, b, caption_chars, caption_tokens)}
     if augment:
         batch["aug"] = random_view(rng, c, b, caption_chars, caption_tokens)
+    if bucketed:
+        batch = cut_patches(batch, _pipeline_config(c).patch_bucket_sizes)
     return batch

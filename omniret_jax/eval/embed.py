@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import ModelState
 from omniret_jax.config import EmbedConfig
-from omniret_jax.data.batch import caption_token_budget, prepare, still_frames
+from omniret_jax.data.batch import caption_token_budget, cut_patches, prepare, still_frames
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.eval import compression as C
@@ -81,7 +81,7 @@ def eval_pipeline_config(c, num_workers: int | None = None) -> PipelineConfig:
         max_pixels=d.max_pixels, audio_seconds=d.audio_seconds, audio_mode="center",
         on_missing_audio=d.on_missing_audio, max_caption_chars=d.max_caption_chars,
         on_long_caption=d.get("on_long_caption", "truncate"), augment=False, on_bad_sample="drop",
-        num_workers=d.num_workers if num_workers is None else num_workers)
+        num_workers=d.num_workers if num_workers is None else num_workers, patch_buckets=d.get("patch_buckets"))
 
 
 def _embed_state(graphdef, trainable, frozen, inputs, ecfg):
@@ -108,9 +108,12 @@ class GalleryEmbedder:
         sharding.batch_sharding(mesh, batch_size)  # the batch must split over the batch axes
         self.state, self.ecfg, self.mesh, self.batch_size = state, ecfg, mesh, batch_size
 
-    def embed_batch(self, batch: dict, paths: Sequence[str]) -> dict[str, np.ndarray]:
-        """{path: float32 [B, D]} for a batch of exactly `batch_size` rows."""
+    def embed_batch(self, batch: dict, paths: Sequence[str], patch_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+        """{path: float32 [B, D]} for a batch of exactly `batch_size` rows; its video patches cut to
+        the smallest of ``patch_buckets`` (the pipeline's ``patch_bucket_sizes``) that holds them."""
         s = self.state
+        if patch_buckets and "video_patches" in batch:
+            batch = cut_patches(batch, patch_buckets)
         if any("I" in p for p in paths) and "image_patches" not in batch:
             batch = still_frames(batch, s.cfg.vision)
         host = prepare(batch, paths, s.cfg, s.tokens, self.ecfg)
@@ -130,7 +133,7 @@ class GalleryEmbedder:
         def flush():
             n = len(pending)
             rows = pending + [pending[-1]] * (self.batch_size - n)  # pad by repeating; dropped below
-            for p, e in self.embed_batch(_concat(rows), paths).items():
+            for p, e in self.embed_batch(_concat(rows), paths, pcfg.patch_bucket_sizes).items():
                 out[p].append(e[:n])
             pending.clear()
             bar.update(n)
