@@ -1,14 +1,15 @@
 """Gradient caching: compiled memory of the cached step against the one-shot step, and its time cost.
 
-``--mode memory`` (default): for each contrastive batch B of ``--batches``, compile (lower +
-compile, nothing runs) the cached train step (``train_step(cached=True)`` over B examples in
-chunks of ``--chunk``) and the one-shot step over the same B, and print one JSON line per setting:
-XLA's per-device memory analysis (argument, output, alias, temporary bytes), the peak estimate
-argument + output - alias + temporaries, and the compile seconds. The trainables, frozen weights
-and optimizer state are shapes only (``build.abstract_state``), placed as the trainer places them.
-The inputs are the pipeline format of ``random_batch`` at B (with ``--abstract``: one chunk's
-layout built on the host and repeated B / chunk times as shapes, so the 7B shapes compile without
-allocating a batch either; the one-shot step is then skipped unless ``--one_shot``).
+``--mode memory`` (default): compile (lower + compile, nothing runs) the phases of the cached
+step (``step.CachedGrads``: embed a chunk, the losses over all B embeddings, re-embed a chunk with
+its vjp, the AdamW update; every chunk has one chunk's shapes, so only the loss phase sees B) and
+the one-shot step over the same B, and print one JSON line per setting: XLA's per-device memory
+analysis of each phase (argument, output, alias, temporary bytes), what else is alive on the
+device beside it (optimizer state, the next chunk, the B embeddings, ...) and the peak over the
+phases, with the compile seconds. Trainables, frozen weights and optimizer state are shapes only
+(``build.abstract_state``), placed as the trainer places them; the inputs are the pipeline format
+of ``random_batch``: one chunk's for the cached step, B examples' for the one-shot step (skipped
+with ``--abstract`` unless ``--one_shot``, so the 7B shapes need no batch allocated).
 
 ``--mode time``: both steps at the first batch of ``--batches``, built and placed like the
 trainer (random weights), median of ``--steps`` runs after ``--warmup``; prints the cached /
@@ -21,7 +22,9 @@ COMMAND: XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/grad_ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -40,7 +43,7 @@ from omniret_jax.data.batch import build_inputs, chunked  # noqa: E402
 from omniret_jax.data.random_batch import random_batch  # noqa: E402
 from omniret_jax.losses import needed_views  # noqa: E402
 from omniret_jax.model.lora import trainable_filter  # noqa: E402
-from omniret_jax.step import StepConfig, make_optimizer, train_step  # noqa: E402
+from omniret_jax.step import CachedGrads, StepConfig, apply_update, make_optimizer, train_step  # noqa: E402
 
 build.define_config_flag()
 _MODE = flags.DEFINE_enum("mode", "memory", ["memory", "time"], "compiled memory, or step times")
@@ -65,29 +68,19 @@ def host_inputs(c, b: int, model_cfg, tokens):
     return build_inputs(batch, 1, model_cfg, tokens, ecfg, plan, seed=c.train.seed, neg_towers=True)
 
 
-def abstract_inputs(host, mesh, chunks: int | None):
-    """ShapeDtypeStructs of the step's inputs: batch-first, or [chunks, chunk, ...] on axis 1."""
-    axis = 0 if chunks is None else 1
-    tree = host if chunks is None else chunked(host, chunks)
-    sh = sharding.batch_sharding(mesh, batch_axis=axis)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sh), tree)
+def _shapes(tree, sh=None):
+    """ShapeDtypeStructs of a host tree (with sharding ``sh``: a function of the array's rank)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                       sharding=None if sh is None else sh(np.ndim(x))), tree)
 
 
-def repeated_chunk(host_chunk, mesh, chunks: int):
-    """The [chunks, K, ...] shapes of ``chunks`` chunks laid out like ``host_chunk`` (K examples)."""
-    one = chunked(host_chunk, 1)
-    sh = sharding.batch_sharding(mesh, batch_axis=1)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((chunks, *np.shape(x)[1:]), np.asarray(x).dtype, sharding=sh),
-                        one)
-
-
-def make_step(c, graphdef, lora, tx, cached: bool):
-    cfg, wrt = StepConfig(ecfg=build.embed_config(c), loss=build.loss_config(c)), trainable_filter(lora)
-
-    def step_fn(params, frozen, opt, inputs, step, key):
-        return train_step(graphdef, params, frozen, opt, inputs, step, key, wrt=wrt, tx=tx, cfg=cfg, cached=cached)
-
-    return step_fn
+def _bytes(tree) -> int:
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    def one(x):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)   # the frozen RNG state: 2 x uint32
+        return math.prod(shard) * (8 if key else np.dtype(x.dtype).itemsize)
+    return sum(one(x) for x in jax.tree.leaves(tree))
 
 
 def optimizer(c):
@@ -96,68 +89,105 @@ def optimizer(c):
                           decay=c.optim.get("decay", "all"))
 
 
-def jit_step(c, mesh, graphdef, lora, tx, trainable, frozen, opt, inputs, cached: bool):
-    """The step jitted with the trainer's shardings and donation."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    return jax.jit(make_step(c, graphdef, lora, tx, cached),
-                   in_shardings=(shard(trainable), shard(frozen), shard(opt), shard(inputs), replicated, replicated),
-                   out_shardings=(shard(trainable), shard(opt), replicated), donate_argnums=(0, 2))
+def _analysis(compiled) -> dict:
+    m = compiled.memory_analysis()
+    return dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
+                temp=m.temp_size_in_bytes,
+                own=m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
 def memory(c, mesh) -> list[dict]:
+    """Compiled per-device memory of the cached step's phases (every chunk has one chunk's shapes,
+    so only the loss phase sees C) and of the one-shot step over the same C."""
     graphdef, trainable, frozen, model_cfg = build.abstract_state(c, train=True)
     tokens, lora = build.tokens_for(c), build.lora_config(c)
+    cfg = StepConfig(ecfg=build.embed_config(c), loss=build.loss_config(c))
     placed = lambda tree: jax.tree.map(  # noqa: E731
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding.state_shardings(tree, mesh))
     trainable, frozen = placed(trainable), placed(frozen)
     tx = optimizer(c)
     opt = placed(jax.eval_shape(tx.init, trainable))
     replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sh = lambda ndim: sharding.batch_sharding(mesh) if ndim else replicated  # noqa: E731
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    offset = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     key = jax.random.key(0)
     k = _CHUNK.value
     one_shot = (not _ABSTRACT.value) if _ONE_SHOT.value is None else _ONE_SHOT.value
-    chunk_host = host_inputs(c, k, model_cfg, tokens) if _ABSTRACT.value else None
+    chunk = dataclasses.replace(_shapes(host_inputs(c, k, model_cfg, tokens), batch_sh), neg_rows=None)
+    cached = CachedGrads(graphdef, cfg=cfg, place=None)
+    t0 = time.perf_counter()
+    fwd = cached.forward.lower(trainable, frozen, chunk, offset, key).compile()
+    emb = jax.eval_shape(cached.forward, trainable, frozen, chunk, offset, key)
+    emb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh(x.ndim)), emb)
+    bwd = cached.backward.lower(trainable, trainable, frozen, chunk, offset, key, emb).compile()
+    upd = jax.jit(apply_update, static_argnums=5, donate_argnums=(0, 1)).lower(
+        trainable, opt, trainable, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated), {}, tx).compile()
+    chunk_s = time.perf_counter() - t0
     rows = []
     for b in map(int, _BATCHES.value):
         if b % k:
             raise SystemExit(f"--batches {b} is not a multiple of --chunk {k}")
-        host = None if _ABSTRACT.value else host_inputs(c, b, model_cfg, tokens)
-        for cached in (True, False) if one_shot else (True,):
-            if cached:
-                inputs = repeated_chunk(chunk_host, mesh, b // k) if host is None else abstract_inputs(host, mesh, b // k)
-            else:
-                inputs = abstract_inputs(host, mesh, None)
-            fn = jit_step(c, mesh, graphdef, lora, tx, trainable, frozen, opt, inputs, cached)
+        n = b // k
+        neg = jax.ShapeDtypeStruct((b, 3), jnp.int32, sharding=batch_sh(2))
+        t0 = time.perf_counter()
+        los = cached.losses.lower(tuple([emb] * n), neg, step).compile()
+        phases = {name: _analysis(x) for name, x in (("forward", fwd), ("losses", los), ("backward", bwd),
+                                                     ("update", upd))}
+        # Alive on the device beside each phase's own arguments, outputs and temporaries.
+        w, f, o, e, x = _bytes(trainable), _bytes(frozen), _bytes(opt), _bytes(emb), _bytes(chunk)
+        beside = {"forward": o + x + n * e, "losses": w + f + o, "backward": o + x + n * e, "update": f}
+        peak = max(phases[p]["own"] + beside[p] for p in phases)
+        row = dict(step="cached", contrastive_batch=b, chunk=k, devices=mesh.devices.size, peak_bytes=peak,
+                   phases={p: dict(v, beside=beside[p]) for p, v in phases.items()},
+                   embeddings_bytes=n * e, chunk_input_bytes=x, compile_s=round(chunk_s + time.perf_counter() - t0, 2))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        chunk_s = 0.0
+        if one_shot:
+            inputs = _shapes(host_inputs(c, b, model_cfg, tokens), batch_sh)
             t0 = time.perf_counter()
-            mem = fn.lower(trainable, frozen, opt, inputs, step, key).compile().memory_analysis()
-            dt = time.perf_counter() - t0
-            row = dict(step="cached" if cached else "one_shot", contrastive_batch=b, chunk=k if cached else b,
-                       devices=mesh.devices.size, argument_bytes=mem.argument_size_in_bytes,
-                       output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-                       temp_bytes=mem.temp_size_in_bytes,
-                       peak_bytes=(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                                   + mem.temp_size_in_bytes), compile_s=round(dt, 2))
+            fn = jax.jit(make_step(c, graphdef, lora, tx), donate_argnums=(0, 2))
+            m = _analysis(fn.lower(trainable, frozen, opt, inputs, step, key).compile())
+            row = dict(step="one_shot", contrastive_batch=b, chunk=b, devices=mesh.devices.size, peak_bytes=m["own"],
+                       phases={"step": m}, compile_s=round(time.perf_counter() - t0, 2))
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
 
 
+def make_step(c, graphdef, lora, tx):
+    cfg, wrt = StepConfig(ecfg=build.embed_config(c), loss=build.loss_config(c)), trainable_filter(lora)
+
+    def step_fn(params, frozen, opt, inputs, step, key):
+        return train_step(graphdef, params, frozen, opt, inputs, step, key, wrt=wrt, tx=tx, cfg=cfg)
+
+    return step_fn
+
+
 def timing(c, mesh) -> dict:
+    """Both steps at the first batch of --batches, placed like the trainer: the one-shot step
+    jitted whole, the cached one streaming host chunks (``step.CachedGrads``) then the update."""
     b, k = int(_BATCHES.value[0]), _CHUNK.value
     state = build.build_state(c, mesh, train=True)
     tx = optimizer(c)
     host = host_inputs(c, b, state.cfg, state.tokens)
+    cfg = StepConfig(ecfg=build.embed_config(c), loss=build.loss_config(c))
     step, key = sharding.replicated(np.int32(1), mesh), jax.random.key(0)
+    opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, state.trainable), mesh)
+    one_shot = jax.jit(make_step(c, state.graphdef, state.lora, tx), donate_argnums=(0, 2))
+    cached = CachedGrads(state.graphdef, cfg=cfg, place=lambda x: sharding.shard_batch(x, mesh))
+    update = jax.jit(apply_update, static_argnums=5, donate_argnums=(0, 1))
+
+    def cached_step(params, frozen, opt, inputs, step, key):
+        loss, metrics, grads = cached.loss_and_grads(params, frozen, inputs, step, key)
+        return update(params, opt, grads, loss, metrics, tx)
+
     times = {}
-    for cached in (False, True):
-        inputs = (sharding.shard_batch(chunked(host, b // k), mesh, batch_axis=1) if cached
-                  else sharding.shard_batch(host, mesh))
-        opt_sh = sharding.state_shardings(jax.eval_shape(tx.init, state.trainable), mesh)
+    for name, fn, inputs in (("one_shot", one_shot, sharding.shard_batch(host, mesh)),
+                             ("cached", cached_step, chunked(host, b // k))):
         params = jax.tree.map(jnp.copy, state.trainable)
         opt = jax.jit(tx.init, out_shardings=opt_sh)(params)
-        fn = jit_step(c, mesh, state.graphdef, state.lora, tx, params, state.frozen, opt, inputs, cached)
         runs, loss = [], None
         for i in range(_WARMUP.value + _STEPS.value):
             t0 = time.perf_counter()
@@ -166,7 +196,7 @@ def timing(c, mesh) -> dict:
             if i >= _WARMUP.value:
                 runs.append(time.perf_counter() - t0)
             loss = float(metrics["loss"]) if loss is None else loss
-        times["cached" if cached else "one_shot"] = (statistics.median(runs), loss)
+        times[name] = (statistics.median(runs), loss)
     (t1, l1), (tc, lc) = times["one_shot"], times["cached"]
     return dict(mode="time", contrastive_batch=b, chunk=k, devices=mesh.devices.size, one_shot_s=round(t1, 4),
                 cached_s=round(tc, 4), ratio=round(tc / t1, 3), steps=_STEPS.value, warmup=_WARMUP.value,

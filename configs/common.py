@@ -93,7 +93,7 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
     # synchronous loop, every micro-batch built, run and read in turn; the same run bitwise). With
     # data.num_workers=0 the thread decodes, where the pipeline's per-sample timer cannot run.
     # stop_every: updates between polls of the stop signal (SIGTERM), agreed by all processes.
-    # Gradient caching (omniret_jax.step.cached_loss_and_grads): contrastive_batch is the global
+    # Gradient caching (omniret_jax.step.CachedGrads): contrastive_batch is the global
     # examples that are each other's negatives, chunk the global examples one forward/backward
     # holds in memory. 0 = no caching: contrastive_batch = batch_size, chunk = contrastive_batch.
     # A non-zero contrastive_batch *is* the micro-batch (it replaces batch_size: the pipeline reads

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -135,22 +136,20 @@ def loss_and_grads(graphdef, trainable, frozen, inputs: TrainInputs, step, dropo
 
 
 def train_step(graphdef, trainable, frozen, opt_state, inputs: TrainInputs, step, dropout_key,
-               *, wrt, tx: optax.GradientTransformation, cfg: StepConfig, cached: bool = False):
+               *, wrt, tx: optax.GradientTransformation, cfg: StepConfig):
     """One update. Returns (trainable, opt_state, metrics).
 
     ``frozen`` is everything but the trainable state (base weights, RNG state),
     ``wrt`` the nnx filter that selected ``trainable``. The adapter dropout is
     reseeded from ``dropout_key`` so a resumed run draws the same masks. A
     non-finite loss or gradient skips the update (parameters and optimizer state
-    unchanged) and reports ``skipped = 1``. ``cached``: the inputs are chunked and the
-    gradient is computed chunk by chunk (``cached_loss_and_grads``).
+    unchanged) and reports ``skipped = 1``.
     """
-    grads_of = cached_loss_and_grads if cached else loss_and_grads
-    loss, metrics, grads = grads_of(graphdef, trainable, frozen, inputs, step, dropout_key, wrt=wrt, cfg=cfg)
-    return _apply_update(trainable, opt_state, grads, loss, metrics, tx)
+    loss, metrics, grads = loss_and_grads(graphdef, trainable, frozen, inputs, step, dropout_key, wrt=wrt, cfg=cfg)
+    return apply_update(trainable, opt_state, grads, loss, metrics, tx)
 
 
-def _apply_update(trainable, opt_state, grads, loss, metrics, tx):
+def apply_update(trainable, opt_state, grads, loss, metrics, tx):
     """AdamW on finite loss and gradients; otherwise parameters and optimizer state unchanged."""
     finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, new_opt = tx.update(grads, opt_state, trainable)
@@ -162,55 +161,90 @@ def _apply_update(trainable, opt_state, grads, loss, metrics, tx):
 
 # ----------------------------------------------------------------------------- gradient caching
 
-def cached_loss_and_grads(graphdef, trainable, frozen, inputs: TrainInputs, step, dropout_key, *, wrt,
-                          cfg: StepConfig):
-    """``loss_and_grads`` over a contrastive batch of C examples held as n chunks of K (every input
-    leaf is [n, K, ...], ``data.batch.chunked``), with the memory of one chunk (Gao et al.'s
-    gradient caching):
+class CachedGrads:
+    """``loss_and_grads`` over a contrastive batch of C examples that stays on the host as n chunks
+    of K (``data.batch.chunked``: every leaf [n, K, ...]), with the device memory of one chunk
+    (Gao et al.'s gradient caching):
 
-    1. embed every chunk without gradient (a scan: one chunk's activations alive at a time);
+    1. embed every chunk without gradient;
     2. the losses over all C embeddings (every example the others' negative) and their gradient
        with respect to the embeddings (the teacher under stop_gradient, the hard negatives never
        differentiated, exactly as in the one-shot step);
-    3. embed every chunk again, this time pulling its slice of the cached embedding gradient back
-       to the trainables (a vjp inside a scan), and sum.
+    3. embed every chunk again, pulling its slice of the cached embedding gradient back to the
+       trainables (a vjp), and add it to the running sum.
     Example g = c * K + j of chunk c. The adapter dropout is reseeded identically before every
     chunk and keyed by the example's global row, so both passes draw the masks the one-shot step
-    draws: loss and gradients equal it up to float round-off. Costs one extra forward of the
-    gradient passes. The hard-negative tuple must come as ``neg_view`` (its towers run in its
-    chunk) and paths must be unpacked (a chunk is a slice of rows).
+    draws: loss and gradients equal it up to float round-off, for one extra forward.
+
+    Each phase is one jitted function, compiled once per run. ``place`` puts one host chunk on the
+    mesh; at most two chunks are on the device at once (the next one's transfer overlaps this
+    one's compute), so beside the weights, the optimizer state and the gradient sum the device
+    holds two chunks and the C embeddings (C x D floats per view): flat in C at fixed K. The
+    hard-negative tuple must come as ``neg_view`` (its towers run in its chunk) and paths must be
+    unpacked (a chunk is a slice of rows).
     """
-    n, k = inputs.anchor.paths[next(iter(inputs.anchor.paths))].input_ids.shape[:2]
 
-    def chunk(i):
-        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), inputs)
+    def __init__(self, graphdef, *, cfg: StepConfig, place):
+        self._place = place
 
-    def embed_chunk(params, i, *, negatives: bool):
-        # Fresh Variables in this trace (the scan body): reseeding mutates the RNG state.
-        model = nnx.merge(graphdef, params, frozen, copy=True)
-        nnx.reseed(model, dropout=dropout_key)
-        set_row_offset(model, i * k)
-        return embeddings(model, chunk(i), cfg.ecfg, negatives=negatives)
+        def embed(params, frozen, chunk, offset, key, *, negatives: bool):
+            model = nnx.merge(graphdef, params, frozen, copy=True)
+            nnx.reseed(model, dropout=key)
+            set_row_offset(model, offset)
+            return embeddings(model, chunk, cfg.ecfg, negatives=negatives)
 
-    def forward(_, i):
-        e = embed_chunk(trainable, i, negatives=True)
-        return None, {key: v for key, v in e.items() if not key.endswith("_neg") or key == "TVA_neg"}
+        def forward(params, frozen, chunk, offset, key):
+            e = embed(params, frozen, chunk, offset, key, negatives=True)
+            return {k: v for k, v in e.items() if not k.endswith("_neg") or k == "TVA_neg"}
 
-    _, chunks = jax.lax.scan(forward, None, jnp.arange(n))
-    emb = jax.lax.stop_gradient({key: v.reshape(n * k, *v.shape[2:]) for key, v in chunks.items()})
-    if inputs.neg_rows is not None:
-        emb.update(modality_negatives(emb, inputs.neg_rows.reshape(n * k, 3)))
+        def losses(chunk_embs, neg_rows, step):
+            emb = {k: jnp.concatenate([e[k] for e in chunk_embs]) for k in chunk_embs[0]}
+            if neg_rows is not None:
+                emb.update(modality_negatives(emb, neg_rows))
+            (loss, metrics), grads = jax.value_and_grad(lambda e: compute_losses(e, step, cfg.loss), has_aux=True)(emb)
+            k = chunk_embs[0][next(iter(chunk_embs[0]))].shape[0]
+            return loss, metrics, tuple({key: grads[key][i * k:(i + 1) * k] for key in chunk_embs[0]}
+                                        for i in range(len(chunk_embs)))
 
-    def loss_of(e):
-        return compute_losses(e, step, cfg.loss)
+        def backward(acc, params, frozen, chunk, offset, key, emb_grads):
+            out, pull = jax.vjp(lambda p: embed(p, frozen, chunk, offset, key, negatives=False), params)
+            (g,) = pull({k: emb_grads[k] for k in out})
+            return jax.tree.map(jnp.add, acc, g)
 
-    (loss, metrics), emb_grads = jax.value_and_grad(loss_of, has_aux=True)(emb)
-    emb_grads = {key: g.reshape(n, k, *g.shape[1:]) for key, g in emb_grads.items()}
+        self.forward, self.losses = jax.jit(forward), jax.jit(losses)
+        self.backward = jax.jit(backward, donate_argnums=0)
+        self.zeros = jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params))
 
-    def backward(acc, i):
-        out, pull = jax.vjp(lambda p: embed_chunk(p, i, negatives=False), trainable)
-        (g,) = pull({key: emb_grads[key][i] for key in out})
-        return jax.tree.map(jnp.add, acc, g), None
+    def _stream(self, inputs: TrainInputs, run) -> None:
+        """``run(i, offset, chunk)`` for every chunk in order, chunk i placed on the mesh. Chunk
+        i + 1 is placed once chunk i's work is dispatched (the transfer overlaps it) and chunk i is
+        let go once its result is ready: never more than two on the device."""
+        n, k = inputs.anchor.paths[next(iter(inputs.anchor.paths))].input_ids.shape[:2]
+        local = dataclasses.replace(inputs, neg_rows=None)   # the losses take the global rows
+        take = lambda i: self._place(jax.tree.map(lambda x: x[i], local))  # noqa: E731
+        current = take(0)
+        for i in range(n):
+            result = run(i, np.int32(i * k), current)
+            ahead = take(i + 1) if i + 1 < n else None
+            jax.block_until_ready(result)
+            current = ahead
 
-    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, trainable), jnp.arange(n))
-    return loss, metrics, grads
+    def loss_and_grads(self, trainable, frozen, inputs: TrainInputs, step, dropout_key):
+        """(loss, metrics, gradients of the trainables), as ``loss_and_grads`` over the C examples."""
+        embs = []
+
+        def forward(i, offset, chunk):
+            embs.append(self.forward(trainable, frozen, chunk, offset, dropout_key))
+            return embs[-1]
+
+        self._stream(inputs, forward)
+        neg_rows = None if inputs.neg_rows is None else np.asarray(inputs.neg_rows).reshape(-1, 3)
+        loss, metrics, emb_grads = self.losses(tuple(embs), neg_rows, step)
+        grads = [self.zeros(trainable)]
+
+        def backward(i, offset, chunk):
+            grads[0] = self.backward(grads[0], trainable, frozen, chunk, offset, dropout_key, emb_grads[i])
+            return grads[0]
+
+        self._stream(inputs, backward)
+        return loss, metrics, grads[0]

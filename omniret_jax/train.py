@@ -15,7 +15,7 @@ count, the micro-batch count and the pipeline state, so a resumed run continues 
 
 Gradient caching (``train.contrastive_batch`` > ``train.chunk``, ``grad_cache``): the micro-batch
 is the contrastive batch, every example the others' negative, embedded chunk by chunk
-(``step.cached_loss_and_grads``) with the activation memory of one chunk.
+(``step.CachedGrads``) with the activation memory of one chunk.
 
 Asynchronous (``train.prefetch`` > 0): a producer thread reads, lays out and places micro-batch
 n+1 (up to ``prefetch`` ahead) while step n runs, and the host reads nothing back per step:
@@ -59,7 +59,7 @@ from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked, 
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
-from omniret_jax.step import StepConfig, lr_schedule, train_step
+from omniret_jax.step import CachedGrads, StepConfig, apply_update, loss_and_grads, lr_schedule
 
 
 def _barrier(name: str) -> None:
@@ -280,7 +280,7 @@ class _Producer:
 @dataclasses.dataclass(frozen=True)
 class GradCache:
     """How one micro-batch meets the step: whole (``chunks`` 1) or as ``chunks`` chunks of gradient
-    caching (``step.cached_loss_and_grads``: every example is every other's negative, memory is
+    caching (``step.CachedGrads``: every example is every other's negative, memory is
     one chunk's)."""
     chunks: int = 1
 
@@ -289,11 +289,11 @@ class GradCache:
         return self.chunks > 1
 
     def device_inputs(self, host, mesh):
-        """Host TrainInputs -> the step's global arrays: batch-first, or [chunks, chunk, ...]
-        sharded on axis 1 (each device holds its rows of every chunk)."""
+        """Host TrainInputs -> the step's inputs: global batch-first arrays on the mesh, or with
+        caching the host's [chunks, chunk, ...] arrays (the device never holds the whole batch)."""
         if not self.on:
             return sharding.shard_batch(host, mesh)
-        return sharding.shard_batch(chunked(host, self.chunks), mesh, batch_axis=1)
+        return chunked(host, self.chunks)   # stays on the host: CachedGrads places one chunk at a time
 
 
 def grad_cache(c, mesh):
@@ -399,17 +399,41 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     step_cfg = StepConfig(ecfg=ecfg, loss=lcfg)
     seed = int(c.train.seed)
 
-    def step_fn(params, frozen_state, opt, inputs, micro_index, counter, bad):
+    def dropout_key(micro_index):
         # Adapter dropout of micro-batch m draws from fold_in(key(seed), m): a resumed run draws the same masks.
-        key = jax.random.fold_in(jax.random.key(seed), micro_index)
-        new_params, new_opt, metrics = train_step(graphdef, params, frozen_state, opt, inputs, counter, key, wrt=wrt,
-                                                  tx=tx, cfg=step_cfg, cached=cache.on)
+        return jax.random.fold_in(jax.random.key(seed), micro_index)
+
+    def finish(params, opt, loss, metrics, grads, micro_index, bad):
+        new_params, new_opt, metrics = apply_update(params, opt, grads, loss, metrics, tx)
         # bad: the first non-finite micro-batch since the host last read (-1: none). The loop rewinds
         # to it, so a later step (laid out assuming it finite) must change nothing.
         stale = bad >= 0
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(stale, o, n), new, old)  # noqa: E731
         bad = jnp.where(stale, bad, jnp.where(metrics["skipped"] > 0, micro_index, -1))
         return keep(new_params, params), keep(new_opt, opt), metrics, bad
+
+    def step_fn(params, frozen_state, opt, inputs, micro_index, counter, bad):
+        loss, metrics, grads = loss_and_grads(graphdef, params, frozen_state, inputs, counter, dropout_key(micro_index),
+                                              wrt=wrt, cfg=step_cfg)
+        return finish(params, opt, loss, metrics, grads, micro_index, bad)
+
+    def make_step(inputs):
+        """The jitted step for inputs like these (placed; with gradient caching, host chunks that
+        ``CachedGrads`` places one at a time)."""
+        outs = (param_sh, opt_sh, replicated, replicated)
+        if not cache.on:
+            in_sh = jax.tree.map(lambda x: x.sharding, inputs)
+            return jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh) + (replicated,) * 3,
+                           out_shardings=outs, donate_argnums=(0, 2))
+        grads_of = CachedGrads(graphdef, cfg=step_cfg, place=lambda x: sharding.shard_batch(x, mesh))
+        done = jax.jit(finish, out_shardings=outs, donate_argnums=(0, 1))
+
+        def cached_step(params, frozen_state, opt, inputs, micro_index, counter, bad):
+            loss, metrics, grads = grads_of.loss_and_grads(params, frozen_state, inputs, counter,
+                                                           dropout_key(micro_index))
+            return done(params, opt, loss, metrics, grads, micro_index, bad)
+
+        return cached_step
 
     exchange = RowExchange(lag=depth + 8) if jax.process_count() > 1 else None
 
@@ -451,9 +475,7 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
             host_s.append(item.host_s)
             timed = idle and jitted is not None    # (the first call compiles)
             if jitted is None:
-                in_sh = jax.tree.map(lambda x: x.sharding, item.inputs)
-                jitted = jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh) + (replicated,) * 3,
-                                 out_shardings=(param_sh, opt_sh, replicated, replicated), donate_argnums=(0, 2))
+                jitted = make_step(item.inputs)
             t0 = time.perf_counter()
             trainable, opt_state, metrics, bad = jitted(trainable, frozen, opt_state, item.inputs,
                                                         sharding.replicated(np.int32(item.micro), mesh),

@@ -2,9 +2,10 @@
 
 Tiny random-init WAVE (configs/tiny.py, full preset: L_A + L_D + L_T with the hard negative),
 adapter dropout ON with LoRA B non-zero (every adapter and head gets gradient), chunk = B / 4.
-One-shot: ``step.loss_and_grads`` over the whole batch; cached: ``step.cached_loss_and_grads``
-over ``data.batch.chunked`` inputs (phase 1 embeds without gradient, phase 2 differentiates the
-losses with respect to the embeddings, phase 3 re-embeds and pulls the cached gradient back).
+One-shot: ``step.loss_and_grads`` over the whole batch; cached: ``step.CachedGrads`` over
+``data.batch.chunked`` inputs kept on the host (phase 1 embeds chunk by chunk without gradient,
+phase 2 differentiates the losses with respect to the embeddings, phase 3 re-embeds each chunk
+and pulls the cached gradient back), one chunk on the mesh at a time.
 Tolerances (float32): loss absolute 1e-6, every trainable's gradient 1e-5 relative
 (||a - b|| / ||b||), on one device and on a 2x2x2 mesh.
 The trainer: ``train.contrastive_batch`` 8 in ``train.chunk`` 2 trains through ``train.train`` and
@@ -14,14 +15,15 @@ cached step cannot run raise naming the key, before any work.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 from omniret_jax import build, sharding
 from omniret_jax import train as trainer
@@ -30,7 +32,7 @@ from omniret_jax.data.random_batch import random_batch
 from omniret_jax.data.synth import SynthSettings, generate
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import lora_modules, trainable_filter
-from omniret_jax.step import StepConfig, cached_loss_and_grads, loss_and_grads
+from omniret_jax.step import CachedGrads, StepConfig, loss_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,11 +55,20 @@ def _run(c, model, host, cfg, mesh, chunks):
     key = jax.random.key(5)
     if chunks == 1:
         fn = lambda t, f, x: loss_and_grads(state.graphdef, t, f, x, 1, key, wrt=wrt, cfg=cfg)  # noqa: E731
-        inputs = sharding.shard_batch(host, mesh)
-    else:
-        fn = lambda t, f, x: cached_loss_and_grads(state.graphdef, t, f, x, 1, key, wrt=wrt, cfg=cfg)  # noqa: E731
-        inputs = sharding.shard_batch(chunked(host, chunks), mesh, batch_axis=1)
-    loss, metrics, grads = jax.jit(fn)(state.trainable, state.frozen, inputs)
+        loss, metrics, grads = jax.jit(fn)(state.trainable, state.frozen, sharding.shard_batch(host, mesh))
+    else:  # the chunks stay on the host; no more than two are on the mesh at a time
+        placed, alive = [], []
+
+        def place(x):
+            gc.collect()
+            alive.append(sum(r() is not None for r in placed))   # chunks still on the device
+            out = sharding.shard_batch(x, mesh)
+            placed.append(weakref.ref(out.anchor.video_patches))
+            return out
+
+        cached = CachedGrads(state.graphdef, cfg=cfg, place=place)
+        loss, metrics, grads = cached.loss_and_grads(state.trainable, state.frozen, chunked(host, chunks), 1, key)
+        assert len(placed) == 2 * chunks and max(alive) <= 1, alive   # each chunk placed once per pass
     flat = {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(grads))[0]}
     return float(loss), {k: float(v) for k, v in metrics.items()}, flat
