@@ -27,6 +27,12 @@ changes nothing. A read that finds one rewinds there: the pipeline goes back to 
 with that batch and the loop continues exactly as the synchronous loop (``prefetch=0``: build,
 step, read, every micro-batch) would have, so both give bitwise the same run.
 
+Curriculum (``config.curriculum``, GVE's Modality Pyramid: ``omniret_jax.data.curriculum``): each
+update trains one task drawn by the schedule, its micro-batches from that task's pipeline, laid out
+for its query kind, through that task's step (compiled once per task). A probe due after update k
+forces a read, scores the tasks with the prober and is recorded before update k is laid out (the
+producer waits for it) and before checkpoint k is saved (which holds the probe history).
+
 Several processes (``--config.distributed.*``, or a cluster jax.distributed detects): each
 reads its rows of every global batch, lays them out, and exchanges the small per-row metadata
 the hard negatives need through jax.distributed's key-value store; the arrays on the devices
@@ -535,9 +541,9 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
                                             out_shardings=(param_sh, opt_sh, replicated, replicated),
                                             donate_argnums=(0, 2))
             t0 = time.perf_counter()
-            trainable, opt_state, metrics, bad = jitted[item.task](trainable, frozen, opt_state, item.inputs,
-                                                        sharding.replicated(np.int32(item.micro), mesh),
-                                                        sharding.replicated(np.int32(item.counter), mesh), bad)
+            trainable, opt_state, metrics, bad = jitted[item.task](
+                trainable, frozen, opt_state, item.inputs, sharding.replicated(np.int32(item.micro), mesh),
+                sharding.replicated(np.int32(item.counter), mesh), bad)
             if timed:
                 bad.block_until_ready()   # a wait, not a transfer
                 device_s.append(time.perf_counter() - t0)

@@ -271,3 +271,102 @@ def test_train_refuses_bad_curricula_at_start_up(tmp_path, corpus):
     c = build.load_config(f"{GVE}:pyramid", {"loss.preset": "full"})
     with pytest.raises(ValueError, match=r"loss.preset='pairwise'"):
         trainer.train(c, tmp_path / "loss")
+
+
+# ----------------------------------------------------------------------------- training (slow)
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_config(preset: str, corpus: Path, **overrides):
+    return build.load_config(f"{GVE}:{preset}", {"data.manifest": str(corpus), "train.steps": 4, "train.log_every": 1,
+                                                 "train.ckpt_every": 2, "curriculum.probe_every": 2,
+                                                 "curriculum.unlock_threshold": -1.0, **overrides})
+
+
+def _tasks_of(logged: list[dict]) -> list[tuple[int, str]]:
+    """(update, its task) of every logged update, read off the loss component it logged."""
+    pairs = {"L_A/T-V": "t2v", "L_A/I-V": "i2v", "L_A/TI-V": "ti2v"}
+    return [(m["step"], next(t for k, t in pairs.items() if k in m)) for m in logged if "loss" in m]
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_tasks_and_bitwise_trainables(corpus, tmp_path):
+    """Pyramid with a threshold every task passes: a straight 4-update run, and one resumed from its
+    update-2 checkpoint in a fresh workdir, draw the same tasks and end bitwise equal."""
+    from tests.test_train import _assert_same_state, _restored
+
+    c = _train_config("pyramid", corpus)
+    straight = tmp_path / "straight"
+    trainer.train(c, straight)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "2", resumed / "checkpoints" / "2")
+    trainer.train(c, resumed)
+    a, b = _metrics(straight), _metrics(resumed)
+    assert _tasks_of(a)[2:] == _tasks_of(b) and len(_tasks_of(a)) == 4
+    assert [(m["step"], m["loss"]) for m in a if "loss" in m][2:] == [(m["step"], m["loss"]) for m in b if "loss" in m]
+    assert [m["step"] for m in a if "probe/ti2v/alignment" in m] == [0, 2]
+    assert not [m for m in b if "probe/ti2v/alignment" in m]   # update 2's probe came with the checkpoint
+    history = [_restored(c, w, 4).data_state["curriculum"]["history"] for w in (straight, resumed)]
+    assert history[0] == history[1] and [e["update"] for e in history[0]] == [0, 2]
+    n = _assert_same_state(c, straight, resumed, 4)
+    print(f"resume at update 2: tasks {_tasks_of(a)}; {n} trainable leaves and the optimizer state bitwise equal")
+
+
+@pytest.mark.slow
+def test_pyramid_unlocks_the_composed_task_after_its_foundations_pass(corpus, tmp_path):
+    """The real prober on the current model: ti2v is locked (never trained) while t2v or i2v is below
+    the threshold, and unlocks at the first probe where both reach it."""
+    c = _train_config("pyramid", corpus, **{"train.steps": 24, "curriculum.probe_every": 4,
+                                            "curriculum.unlock_threshold": 0.0, "train.ckpt_every": 100})
+    trainer.train(c, tmp_path)
+    logged = _metrics(tmp_path)
+    probes = [m for m in logged if "probe/ti2v/alignment" in m]
+    unlocked = [m["step"] for m in probes if m["curriculum/ti2v/unlocked"]]
+    assert unlocked, [(m["step"], m["probe/t2v/alignment"], m["probe/i2v/alignment"]) for m in probes]
+    first = unlocked[0]
+    for m in probes:
+        passed = min(m["probe/t2v/alignment"], m["probe/i2v/alignment"]) >= 0.0
+        assert m["curriculum/ti2v/unlocked"] == float(m["step"] >= first)
+        if m["step"] == first:
+            assert passed
+        if m["step"] < first:
+            assert not passed
+    trained = [(u, t) for u, t in _tasks_of(logged)]
+    assert all(t != "ti2v" for u, t in trained if u <= first), trained
+    assert first > 0 and any(t == "ti2v" for u, t in trained if u > first), trained
+    print("probes (update, t2v, i2v, ti2v alignment, ti2v unlocked):",
+          [(m["step"], round(m["probe/t2v/alignment"], 3), round(m["probe/i2v/alignment"], 3),
+            round(m["probe/ti2v/alignment"], 3), m["curriculum/ti2v/unlocked"]) for m in probes])
+    print("tasks:", trained)
+
+
+def _cli(*args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["pyramid", "uniform"])
+def test_cli_trains_resumes_and_evaluates_per_task(preset, tmp_path):
+    work = tmp_path / "run"
+    common = ("--config", f"configs/gve_tiny.py:{preset}", "--workdir", work, "--config.data.synth_n=8",
+              "--config.train.batch_size=4", "--config.train.log_every=1", "--config.train.ckpt_every=2",
+              "--config.curriculum.probe_every=2")
+    r = _cli("omniret_jax.train", *common, "--config.train.steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("omniret_jax.train", *common, "--config.train.steps=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from update 2" in r.stdout, r.stdout[-2000:]
+    logged = _metrics(work)
+    assert [u for u, _ in _tasks_of(logged)] == [1, 2, 3, 4]
+    r = _cli("omniret_jax.eval", "--config", f"configs/gve_tiny.py:{preset}", "--checkpoint", work, "--manifest",
+             work / "corpus" / "manifest.jsonl", "--out", tmp_path / "eval", "--batch_size", "4", "--by_task")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "eval" / "results_tasks.json").read_text())
+    assert set(res["tasks"]) == {"t2v", "i2v", "ti2v"} and res["step"] == 4
+    assert set(res["groups"]) == {"textual", "visual", "composed"} and set(res["abilities"]) == {"coarse",
+                                                                                                 "fine-grained"}
+    print(r.stdout)

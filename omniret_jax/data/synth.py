@@ -20,6 +20,10 @@ function of (seed, settings): same seed -> same manifest, same decoded frames an
 With one encoder thread the encoded bytes are identical as well on the same PyAV/FFmpeg build
 (not promised across FFmpeg versions, whose muxer writes its version string).
 
+``generate_tasks`` writes the curriculum's multi-task version: clips of distinct shape x colour x
+motion, each the document of a text -> video, a still frame -> video and a composed (still frame +
+text) -> video record.
+
     python -m omniret_jax.data.synth --out DIR --n N [--seed S] [--seconds 3] [--size 64]
 """
 
