@@ -176,7 +176,9 @@ def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid") -> m
     """Train GVE ``c`` with the Modality Pyramid curriculum (``omniret_jax.data.curriculum``), in
     place; returns ``c``. The task table of the synthetic multi-task corpus (``data.synth_tasks``:
     text -> video and still frame -> video on the pyramid's base, the composed still frame + text ->
-    video above them); a real multi-task manifest brings its own table (config.curriculum.tasks).
+    video above, resting on the image grounding whose still frame it shares; the tiny model's
+    t2v margin stays below 0 for 120 updates, measured, so requiring it would keep ti2v locked); a
+    real multi-task manifest brings its own table (config.curriculum.tasks).
     ``schedule``: "pyramid" or "uniform" (every task unlocked, equal weights: the ablation)."""
     if schedule not in CURRICULUM_SCHEDULES:
         raise ValueError(f"curriculum schedule {schedule!r}: expected one of {CURRICULUM_SCHEDULES}")
@@ -190,7 +192,7 @@ def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid") -> m
         tasks=ml_collections.ConfigDict(dict(
             t2v=dict(kind="t2v", level=0, prerequisites=(), ability="coarse"),
             i2v=dict(kind="i2v", level=0, prerequisites=(), ability="coarse"),
-            ti2v=dict(kind="ti2v", level=1, prerequisites=("t2v", "i2v"), ability="fine-grained"),
+            ti2v=dict(kind="ti2v", level=1, prerequisites=("i2v",), ability="fine-grained"),
         )),
     ))
     c.data.synth_tasks = ("t2v", "i2v", "ti2v")

@@ -11,7 +11,8 @@ the synthetic corpus writes it as ``meta.composed_query``).
 The config argument is the system-turn instruction (``configs/gve_tiny.py:Find the clip.``), or a
 curriculum preset (``common.gve_curriculum``) on the multi-task synthetic corpus (48 clips with
 distinct shape x colour x motion, one t2v, i2v and ti2v record each): ``pyramid`` (the Modality
-Pyramid: ti2v unlocks once t2v and i2v are aligned) or ``uniform`` (its ablation baseline).
+Pyramid: ti2v unlocks once i2v, the image grounding it builds on, is aligned) or ``uniform`` (its
+ablation baseline).
 
 COMMAND: python -m omniret_jax.train --config configs/gve_tiny.py --workdir /tmp/gve
 COMMAND: python -m omniret_jax.eval --config configs/gve_tiny.py --checkpoint /tmp/gve --manifest /tmp/gve/corpus/manifest.jsonl --out /tmp/gve/eval
