@@ -19,6 +19,7 @@ QWEN_SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n
 GVE_DIRECTIONS = ("T->V", "V->T", "I->V", "TI->V")
 # The system prompt of Qwen2.5-VL's chat template when a conversation has none: GVE's default instruction.
 QWEN_DEFAULT_INSTRUCTION = "You are a helpful assistant."
+CURRICULUM_SCHEDULES = ("pyramid", "uniform")
 
 
 def base_config(preset: str = "full") -> ml_collections.ConfigDict:
@@ -168,4 +169,31 @@ def gve(c: ml_collections.ConfigDict, instruction: str = QWEN_DEFAULT_INSTRUCTIO
     c.eval = ml_collections.ConfigDict(dict(directions=GVE_DIRECTIONS))  # no audio tower: no A directions
     c.lora.target = QKVO_TARGET
     c.lora.trainable_extra = ()
+    return c
+
+
+def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid") -> ml_collections.ConfigDict:
+    """Train GVE ``c`` with the Modality Pyramid curriculum (``omniret_jax.data.curriculum``), in
+    place; returns ``c``. The task table of the synthetic multi-task corpus (``data.synth_tasks``:
+    text -> video and still frame -> video on the pyramid's base, the composed still frame + text ->
+    video above, resting on the image grounding whose still frame it shares; the tiny model's
+    t2v margin stays below 0 for 120 updates, measured, so requiring it would keep ti2v locked); a
+    real multi-task manifest brings its own table (config.curriculum.tasks).
+    ``schedule``: "pyramid" or "uniform" (every task unlocked, equal weights: the ablation)."""
+    if schedule not in CURRICULUM_SCHEDULES:
+        raise ValueError(f"curriculum schedule {schedule!r}: expected one of {CURRICULUM_SCHEDULES}")
+    c.curriculum = ml_collections.ConfigDict(dict(
+        schedule=schedule,
+        probe_every=0,              # updates between probes; 0 = once per epoch of the multi-task corpus
+        probe_size=16,              # records of each task's fixed probe subset
+        prober="current",           # "current": the model being trained; "base": the frozen base model
+        unlock_threshold=0.0,       # a task unlocks once every prerequisite's mean margin reaches it
+        sigma_start=1.0, sigma_end=0.1,
+        tasks=ml_collections.ConfigDict(dict(
+            t2v=dict(kind="t2v", level=0, prerequisites=(), ability="coarse"),
+            i2v=dict(kind="i2v", level=0, prerequisites=(), ability="coarse"),
+            ti2v=dict(kind="ti2v", level=1, prerequisites=("i2v",), ability="fine-grained"),
+        )),
+    ))
+    c.data.synth_tasks = ("t2v", "i2v", "ti2v")
     return c

@@ -8,8 +8,16 @@ Evaluation scores text -> video, video -> text, image -> video (a still frame of
 moving <motion>", gold = the clip itself: the image carries shape and colour, the text the motion;
 the synthetic corpus writes it as ``meta.composed_query``).
 
+The config argument is the system-turn instruction (``configs/gve_tiny.py:Find the clip.``), or a
+curriculum preset (``common.gve_curriculum``) on the multi-task synthetic corpus (48 clips with
+distinct shape x colour x motion, one t2v, i2v and ti2v record each): ``pyramid`` (the Modality
+Pyramid: ti2v unlocks once i2v, the image grounding it builds on, is aligned) or ``uniform`` (its
+ablation baseline).
+
 COMMAND: python -m omniret_jax.train --config configs/gve_tiny.py --workdir /tmp/gve
 COMMAND: python -m omniret_jax.eval --config configs/gve_tiny.py --checkpoint /tmp/gve --manifest /tmp/gve/corpus/manifest.jsonl --out /tmp/gve/eval
+COMMAND: python -m omniret_jax.train --config configs/gve_tiny.py:pyramid --workdir /tmp/gve_pyramid --config.train.steps=60
+COMMAND: python -m omniret_jax.eval --config configs/gve_tiny.py:pyramid --checkpoint /tmp/gve_pyramid --manifest /tmp/gve_pyramid/corpus/manifest.jsonl --out /tmp/gve_pyramid/eval --by_task
 """
 
 import ml_collections
@@ -17,9 +25,12 @@ import ml_collections
 from configs import common, tiny
 
 
-def get_config(instruction: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
-    """The config argument is the system-turn instruction (``configs/gve_tiny.py:Find the clip.``)."""
-    c = common.gve(tiny.get_config("pairwise"), instruction=instruction)
+def get_config(arg: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
+    schedule = arg if arg in common.CURRICULUM_SCHEDULES else ""
+    c = common.gve(tiny.get_config("pairwise"), instruction=common.QWEN_DEFAULT_INSTRUCTION if schedule else arg)
     for key in [k for k in c.model.tiny if k.startswith(("audio_", "beats_"))]:
         del c.model.tiny[key]             # Qwen2.5-VL has neither tower
+    if schedule:
+        common.gve_curriculum(c, schedule)
+        c.data.synth_n = 48
     return c

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from omniret_jax.config import ViewPlan
+from omniret_jax.config import EMBED_PATHS, ViewPlan
 
 # Embeddings arrive as jax arrays (the step) or NumPy arrays (evaluation, tests).
 Embeddings = Array | np.ndarray
@@ -61,8 +61,9 @@ class LossConfig:
       `_tuple_step`, modeling L3074-3075 and L3180-3185, advance once per micro-batch, 8 per
       update at GRAD_ACCUM=8). None picks "update" for "paper" and "micro_batch" for "released".
       The trainer passes the chosen count as ``step`` to compute_losses and the host layout.
-    pairs: the modality pairs of the paper recipe's L_A, e.g. (("T", "V"),) for GVE's one
-      text-video InfoNCE; None = the paper's (T, V), (T, A), (V, A).
+    pairs: the embedding-path pairs of the paper recipe's L_A, e.g. (("T", "V"),) for GVE's one
+      text-video InfoNCE, (("TI", "V"),) for a composed-query task of the curriculum; None = the
+      paper's (T, V), (T, A), (V, A).
     """
 
     recipe: str = "paper"
@@ -100,10 +101,10 @@ class LossConfig:
         object.__setattr__(self, "terms", tuple(t for t in TERMS if t in terms))
         if self.pairs is not None:
             pairs = tuple(tuple(p) for p in self.pairs)
-            if (not pairs or any(len(p) != 2 or p[0] == p[1] or not set(p) <= set(MODALITIES) for p in pairs)
+            if (not pairs or any(len(p) != 2 or p[0] == p[1] or not set(p) <= set(EMBED_PATHS) for p in pairs)
                     or self.recipe != "paper"):
-                raise ValueError(f"pairs={self.pairs!r}: expected distinct-modality pairs out of {MODALITIES}, "
-                                 f"with recipe 'paper' (got {self.recipe!r})")
+                raise ValueError(f"pairs={self.pairs!r}: expected pairs of distinct embedding paths out of "
+                                 f"{EMBED_PATHS}, with recipe 'paper' (got {self.recipe!r})")
             object.__setattr__(self, "pairs", pairs)
 
     @property
@@ -113,7 +114,8 @@ class LossConfig:
 
     @property
     def pair_modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in MODALITIES if any(m in p for p in self.pair_list))
+        """The embedding paths L_A reads, in EMBED_PATHS order."""
+        return tuple(m for m in EMBED_PATHS if any(m in p for p in self.pair_list))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LossConfig":

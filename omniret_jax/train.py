@@ -27,6 +27,12 @@ changes nothing. A read that finds one rewinds there: the pipeline goes back to 
 with that batch and the loop continues exactly as the synchronous loop (``prefetch=0``: build,
 step, read, every micro-batch) would have, so both give bitwise the same run.
 
+Curriculum (``config.curriculum``, GVE's Modality Pyramid: ``omniret_jax.data.curriculum``): each
+update trains one task drawn by the schedule, its micro-batches from that task's pipeline, laid out
+for its query kind, through that task's step (compiled once per task). A probe due after update k
+forces a read, scores the tasks with the prober and is recorded before update k is laid out (the
+producer waits for it) and before checkpoint k is saved (which holds the probe history).
+
 Several processes (``--config.distributed.*``, or a cluster jax.distributed detects): each
 reads its rows of every global batch, lays them out, and exchanges the small per-row metadata
 the hard negatives need through jax.distributed's key-value store; the arrays on the devices
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import io
 import json
 import queue
@@ -55,8 +62,11 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import define_config_flag
 from omniret_jax.checkpoint import TrainCheckpointer
-from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked, cut_patches
+from omniret_jax.data import curriculum as cur
+from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked, cut_patches, still_frames
+from omniret_jax.data.manifest import load_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
+from omniret_jax.eval.tasks import Prober
 from omniret_jax.losses import needed_views
 from omniret_jax.model.lora import trainable_filter
 from omniret_jax.step import CachedGrads, StepConfig, apply_update, loss_and_grads, lr_schedule
@@ -76,10 +86,14 @@ def manifest_path(c, workdir: Path) -> Path:
     corpus = workdir / "corpus"
     manifest = corpus / "manifest.jsonl"
     if not manifest.exists() and jax.process_index() == 0:
-        from omniret_jax.data.synth import SynthSettings, generate
+        from omniret_jax.data.synth import SynthSettings, generate, generate_tasks
 
-        generate(str(corpus), c.data.synth_n, seed=c.data.synth_seed,
-                 settings=SynthSettings(seconds=c.data.synth_seconds, size=c.data.synth_size))
+        settings = SynthSettings(seconds=c.data.synth_seconds, size=c.data.synth_size)
+        if c.data.get("synth_tasks"):   # the curriculum's multi-task corpus
+            generate_tasks(str(corpus), c.data.synth_n, seed=c.data.synth_seed, settings=settings,
+                           tasks=tuple(c.data.synth_tasks))
+        else:
+            generate(str(corpus), c.data.synth_n, seed=c.data.synth_seed, settings=settings)
     _barrier("omniret_synthetic_corpus")
     return manifest
 
@@ -195,6 +209,7 @@ class _Item:
     inputs: object       # TrainInputs, placed on the mesh
     data_state: dict     # pipeline state after this batch and the micro-batch count: what a checkpoint saves
     host_s: float        # pipeline + layout + transfer
+    task: str | None = None  # the curriculum task of its update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +339,50 @@ def grad_cache(c, mesh):
     return c, GradCache(contrastive // chunk)
 
 
+@dataclasses.dataclass
+class Curriculum:
+    """The Modality Pyramid in the loop (``omniret_jax.data.curriculum``): the schedule, the
+    manifest's records by task (one input pipeline each), each task's loss (InfoNCE of its query
+    path and document path) and probe subset, the prober."""
+    schedule: cur.Schedule
+    by_task: dict
+    bad: list
+    losses: dict
+    subsets: dict
+    prober: Prober | None = None
+
+    @staticmethod
+    def check(c, lcfg) -> tuple[cur.CurriculumConfig, dict]:
+        """(settings, task table) of ``config.curriculum``, checked before any model is built."""
+        ccfg = cur.CurriculumConfig(**{k: v for k, v in c.curriculum.to_dict().items() if k != "tasks"})
+        table = cur.task_table(c.curriculum.tasks.to_dict())
+        if lcfg.terms != ("L_A",) or lcfg.recipe != "paper":
+            raise ValueError(f"the curriculum trains each task's InfoNCE of its query and document (loss.preset="
+                             f"'pairwise', recipe 'paper'); got terms {lcfg.terms}, recipe {lcfg.recipe!r}")
+        if jax.process_count() > 1:
+            raise ValueError(f"the curriculum's prober runs in one process; {jax.process_count()} are running")
+        return ccfg, table
+
+    @classmethod
+    def start(cls, c, lcfg, manifest: Path) -> Curriculum:
+        """Splits the manifest by task (the errors name the task), before any model is built."""
+        ccfg, table = cls.check(c, lcfg)
+        batch = int(c.train.batch_size)
+        m = load_manifest(manifest, on_bad_record=c.data.on_bad_record)
+        by_task = cur.split_by_task(m.records, table, batch)
+        every = cur.probe_period(ccfg, by_task, batch, int(c.optim.accumulate))
+        schedule = cur.Schedule(table, ccfg, seed=int(c.train.seed), total=int(c.train.steps), every=every)
+        losses = {t: dataclasses.replace(lcfg, pairs=((k.spec.query, k.spec.document),)) for t, k in table.items()}
+        return cls(schedule, by_task, m.bad, losses, cur.probe_subsets(by_task, ccfg.probe_size, int(c.train.seed)))
+
+    def probe(self, updates: int, trainable, writer: MetricsWriter) -> None:
+        """Scores every task with the prober, records the probe, logs it and any task it unlocks."""
+        entry = self.schedule.record(updates, self.prober(trainable))
+        writer.write(updates, self.schedule.log_metrics(entry, updates))
+        if entry["newly"] and jax.process_index() == 0:
+            print(f"curriculum: after {updates} updates unlocked {', '.join(entry['newly'])}")
+
+
 def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     """Run the configured training; returns the last logged metrics. ``on_update(update,
     micro_batches)`` is called after every optimizer update is dispatched (again for an update a
@@ -337,6 +396,10 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     if not lcfg.terms:
         raise ValueError(f"preset {c.loss.preset!r} has no loss terms: evaluate the backbone with "
                          "omniret_jax.eval instead of training it")
+    if c.get("curriculum") and c.curriculum.schedule:
+        ccfg = Curriculum.check(c, lcfg)[0]
+    else:
+        ccfg = None
     if c.data.text_negative not in ("batch", "dataset"):
         raise ValueError(f"data.text_negative={c.data.text_negative!r}; expected 'batch' or 'dataset'")
     if c.data.text_negative == "dataset" and plan.negative and lcfg.tuple_similarity != "joint":
@@ -357,9 +420,12 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
         raise ValueError(f"process {jax.process_index()} holds batch rows {rows}: the processes' rows must follow "
                          "their process index (mesh devices ordered by process)")
 
+    tasks = None if ccfg is None else Curriculum.start(c, lcfg, manifest_path(c, workdir))
     state = build.build_state(c, mesh, train=True, verbose=True)  # adapter dropout on
     graphdef, trainable, frozen, tokens = state.graphdef, state.trainable, state.frozen, state.tokens
     wrt = trainable_filter(state.lora)
+    # The frozen-base prober scores the fresh adapters (the step donates these buffers: a copy).
+    base = jax.tree.map(jnp.copy, trainable) if ccfg is not None and ccfg.prober == "base" else None
 
     tx = build.optimizer(c)
     schedule = lr_schedule(lr=c.optim.lr, total_updates=total, warmup_ratio=c.optim.warmup_ratio)
@@ -372,7 +438,12 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
 
     budget = caption_token_budget(ecfg)
     pcfg = pipeline_config(c, augment=bool(plan.aug), caption_tokens=budget)
-    pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows)
+    if tasks is None:
+        pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows)
+    else:
+        pipeline = cur.TaskPipelines(tasks.by_task, pcfg, tokens=tokens, rows=rows, bad=tasks.bad)
+        tasks.prober = Prober(state, c, mesh, tasks.schedule.tasks, tasks.subsets, wrt=wrt, base=base is not None,
+                              progress=jax.process_index() == 0)
     if jax.process_index() == 0:
         print(f"inputs: {'/'.join(map(str, pcfg.patch_bucket_sizes))} patch rows per clip, captions up to {budget} tokens "
               f"({c.data.on_long_caption} beyond), global micro-batch {c.train.batch_size} x {accumulate} "
@@ -393,10 +464,16 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
         if restored.data_state is not None:
             pipeline.set_state(restored.data_state["pipeline"])
             micro = int(restored.data_state["micro_batches"])
+            if tasks is not None:
+                if "curriculum" not in restored.data_state:
+                    raise ValueError(f"checkpoint step {updates} was trained without a curriculum; this config has one")
+                tasks.schedule.set_state(restored.data_state["curriculum"])
         if jax.process_index() == 0:
             print(f"resumed from update {updates} (micro-batch {micro})")
 
-    step_cfg = StepConfig(ecfg=ecfg, loss=lcfg)
+    step_cfgs = {None: StepConfig(ecfg=ecfg, loss=lcfg)}
+    if tasks is not None:   # one step per task: its query <-> document InfoNCE
+        step_cfgs = {t: StepConfig(ecfg=ecfg, loss=loss) for t, loss in tasks.losses.items()}
     seed = int(c.train.seed)
 
     def dropout_key(micro_index):
@@ -412,18 +489,18 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
         bad = jnp.where(stale, bad, jnp.where(metrics["skipped"] > 0, micro_index, -1))
         return keep(new_params, params), keep(new_opt, opt), metrics, bad
 
-    def step_fn(params, frozen_state, opt, inputs, micro_index, counter, bad):
+    def step_fn(params, frozen_state, opt, inputs, micro_index, counter, bad, *, step_cfg):
         loss, metrics, grads = loss_and_grads(graphdef, params, frozen_state, inputs, counter, dropout_key(micro_index),
                                               wrt=wrt, cfg=step_cfg)
         return finish(params, opt, loss, metrics, grads, micro_index, bad)
 
-    def make_step(inputs):
-        """The jitted step for inputs like these (placed; with gradient caching, host chunks that
-        ``CachedGrads`` places one at a time)."""
+    def make_step(inputs, step_cfg):
+        """The jitted step of ``step_cfg`` for inputs like these (placed; with gradient caching,
+        host chunks that ``CachedGrads`` places one at a time)."""
         outs = (param_sh, opt_sh, replicated, replicated)
         if not cache.on:
             in_sh = jax.tree.map(lambda x: x.sharding, inputs)
-            return jax.jit(step_fn, in_shardings=(param_sh, frozen_sh, opt_sh, in_sh) + (replicated,) * 3,
+            return jax.jit(functools.partial(step_fn, step_cfg=step_cfg), in_shardings=(param_sh, frozen_sh, opt_sh, in_sh) + (replicated,) * 3,
                            out_shardings=outs, donate_argnums=(0, 2))
         grads_of = CachedGrads(graphdef, cfg=step_cfg, place=lambda x: sharding.shard_batch(x, mesh))
         done = jax.jit(finish, out_shardings=outs, donate_argnums=(0, 1))
@@ -439,21 +516,26 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
 
     def make_item(micro: int, updates_done: int, stop) -> _Item:
         t0 = time.perf_counter()
-        batch = next(pipeline)
+        # Every micro-batch of an update comes from the update's task (waits for the probe it needs).
+        task = None if tasks is None else tasks.schedule.task_for(updates_done, stop)
+        batch = next(pipeline) if task is None else pipeline.next(task)
         data_state = {"pipeline": pipeline.get_state(), "micro_batches": micro + 1}
         counter = rotation_count(lcfg, micro, updates_done)
         batch = cut_patches(batch, pcfg.patch_bucket_sizes,
                             gather=None if exchange is None else exchange.gather(micro, stop, "patches"))
-        host = build_inputs(batch, micro, state.cfg, tokens, ecfg, plan, seed=seed, counter=counter,
+        views = plan if task is None else needed_views(tasks.losses[task])
+        if any("I" in p for p in views.anchor):   # the image query: the clip's still frame
+            batch = still_frames(batch, state.cfg.vision)
+        host = build_inputs(batch, micro, state.cfg, tokens, ecfg, views, seed=seed, counter=counter,
                             text_negative=c.data.text_negative, row_offset=rows[0],
                             gather=None if exchange is None else exchange.gather(micro, stop), neg_towers=cache.on)
         inputs = cache.device_inputs(host, mesh)
-        return _Item(micro, counter, inputs, data_state, time.perf_counter() - t0)
+        return _Item(micro, counter, inputs, data_state, time.perf_counter() - t0, task)
 
     def no_bad():
         return sharding.replicated(np.int32(-1), mesh)
 
-    jitted = None
+    jitted: dict = {}   # the step of each task (None: no curriculum), compiled on first use
     writer = MetricsWriter(workdir)
     last: dict[str, float] = {}
     tally = _Tally(updates, micro)
@@ -462,6 +544,8 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     device_s: list[float] = []              # seconds of a step started on an idle device, since the last log
     bar = tqdm(total=total, initial=updates, desc="train", unit="update", disable=jax.process_index() != 0)
     summary_state = None
+    if tasks is not None and tasks.schedule.due(updates):
+        tasks.probe(updates, trainable if base is None else base, writer)
     producer = _Producer(make_item, tally, accumulate, total, depth)
     try:
         bad = no_bad()
@@ -473,13 +557,13 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
         while tally.updates < total:
             item = producer.get()
             host_s.append(item.host_s)
-            timed = idle and jitted is not None    # (the first call compiles)
-            if jitted is None:
-                jitted = make_step(item.inputs)
+            timed = idle and item.task in jitted    # (the first call compiles)
+            if item.task not in jitted:
+                jitted[item.task] = make_step(item.inputs, step_cfgs[item.task])
             t0 = time.perf_counter()
-            trainable, opt_state, metrics, bad = jitted(trainable, frozen, opt_state, item.inputs,
-                                                        sharding.replicated(np.int32(item.micro), mesh),
-                                                        sharding.replicated(np.int32(item.counter), mesh), bad)
+            trainable, opt_state, metrics, bad = jitted[item.task](
+                trainable, frozen, opt_state, item.inputs, sharding.replicated(np.int32(item.micro), mesh),
+                sharding.replicated(np.int32(item.counter), mesh), bad)
             if timed:
                 bad.block_until_ready()   # a wait, not a transfer
                 device_s.append(time.perf_counter() - t0)
@@ -500,7 +584,8 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
             log = done and (tally.updates % c.train.log_every == 0 or tally.updates == total)
             save = done and (tally.updates == total or ckpt.should_save(tally.updates))
             stop = done and (stopping or tally.updates % stop_every == 0) and ckpt.should_stop()
-            if not (depth == 0 or read_next or log or save or stop):
+            probing = done and tasks is not None and tasks.schedule.due(tally.updates)
+            if not (depth == 0 or read_next or log or save or stop or probing):
                 continue
             # ---- read: every micro-batch since the last read finite?
             first_bad = int(_fetch(bad))
@@ -539,15 +624,21 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
                             micro_batches=float(tally.micro), step_time_s=dt,
                             examples_per_s=c.train.batch_size * accumulate / dt, host_s=statistics.median(host_s),
                             **({"device_s": statistics.median(device_s)} if device_s else {}),
-                            **pipeline.summary(summary_state).metrics())
+                            **pipeline.summary(summary_state).metrics(),
+                            **({} if tasks is None else {f"curriculum/{t}/updates": float(n) for t, n in
+                                                         tasks.schedule.counts(tally.updates).items()}))
                 writer.write(tally.updates, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", step_s=f"{dt:.2f}")
                 window.clear()
                 host_s.clear()
                 device_s.clear()
                 tally = dataclasses.replace(tally, skipped=0)
+            if probing:   # before the save, which then holds it
+                tasks.probe(tally.updates, trainable if base is None else base, writer)
             if save or stop:
-                ckpt.save(tally.updates, trainable, opt_state, rng=jax.random.key(seed), data_state=item.data_state,
+                data_state = item.data_state if tasks is None else dict(item.data_state,
+                                                                        curriculum=tasks.schedule.state())
+                ckpt.save(tally.updates, trainable, opt_state, rng=jax.random.key(seed), data_state=data_state,
                           metrics=last, force=tally.updates == total or stop)
             if stop:
                 if jax.process_index() == 0:

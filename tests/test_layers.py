@@ -3,7 +3,8 @@
 Walks every module with ``ast`` (imports inside functions included) and fails naming the
 file, the line and the import that points up or sideways:
 
-    5  omniret_jax.train, .eval, .interop         entry points (CLI loops; interop = omniret-convert)
+    6  omniret_jax.train                          the training CLI (its curriculum probes with eval.tasks)
+    5  omniret_jax.eval, .interop                 entry points (CLI loops; interop = omniret-convert)
     4  omniret_jax.build                          the model factory and placement on a mesh
     3  omniret_jax.convert, .step, .checkpoint    weight loaders/writers; the pure step; checkpoints
     2  omniret_jax.losses, omniret_jax.sharding
@@ -26,7 +27,8 @@ RANKS = {
     "losses": 2, "sharding": 2,
     "convert": 3, "step": 3, "checkpoint": 3,
     "build": 4,
-    "train": 5, "eval": 5, "interop": 5,
+    "eval": 5, "interop": 5,
+    "train": 6,
 }
 
 

@@ -9,6 +9,8 @@ Schema (keys not listed are rejected so that typos do not silently drop informat
     start    number >= 0, optional: clip start in seconds
     end      number > start, optional: clip end in seconds
     meta     object, optional: free-form attributes (e.g. the synthetic corpus' ground truth)
+    task     str, optional, non-empty: the training task of a multi-task manifest (its query kind ->
+             document kind, e.g. t2v, i2v, ti2v; ``data.curriculum``'s task table gives its level)
 
 Relative paths resolve against the directory holding the manifest. Validation reads every line
 and raises one `ManifestError` that lists `file:line: reason` for all bad records at once, so
@@ -27,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 REQUIRED_KEYS = ("id", "caption", "video")
-OPTIONAL_KEYS = ("audio", "start", "end", "meta")
+OPTIONAL_KEYS = ("audio", "start", "end", "meta", "task")
 KNOWN_KEYS = frozenset(REQUIRED_KEYS + OPTIONAL_KEYS)
 
 
@@ -42,6 +44,7 @@ class ManifestRecord:
     start: float | None = None
     end: float | None = None
     meta: Mapping[str, Any] | None = None
+    task: str | None = None
 
     def to_json(self, base_dir: str | None = None) -> dict[str, Any]:
         """The JSON object for this record; paths under `base_dir` are written relative to it."""
@@ -55,6 +58,8 @@ class ManifestRecord:
             out["end"] = self.end
         if self.meta is not None:
             out["meta"] = dict(self.meta)
+        if self.task is not None:
+            out["task"] = self.task
         return out
 
 
@@ -84,7 +89,7 @@ def _record_problems(obj: Any) -> list[tuple[str, str]]:
 
     Codes (the pipeline counts skipped lines under ``manifest/<code>``): not_object,
     unknown_key, missing_key, bad_type, empty_caption, empty_field, bad_audio, bad_time,
-    bad_meta (and bad_json, duplicate_id from the reader)."""
+    bad_meta, bad_task (and bad_json, duplicate_id from the reader)."""
     if not isinstance(obj, dict):
         return [("not_object", f"record must be a JSON object, got {type(obj).__name__}")]
     problems = []
@@ -117,6 +122,9 @@ def _record_problems(obj: Any) -> list[tuple[str, str]]:
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         problems.append(("bad_meta", f"'meta' must be a JSON object, got {type(meta).__name__}"))
+    task = obj.get("task")
+    if task is not None and (not isinstance(task, str) or not task.strip()):
+        problems.append(("bad_task", f"'task' must be a non-empty string or null, got {task!r}"))
     return problems
 
 
@@ -132,7 +140,7 @@ def _to_record(obj: dict[str, Any], base_dir: str) -> ManifestRecord:
     return ManifestRecord(
         id=obj["id"], caption=obj["caption"], video=_resolve(obj["video"], base_dir),
         audio=None if obj.get("audio") is None else _resolve(obj["audio"], base_dir),
-        start=seconds("start"), end=seconds("end"), meta=obj.get("meta"))
+        start=seconds("start"), end=seconds("end"), meta=obj.get("meta"), task=obj.get("task"))
 
 
 ON_BAD_RECORD = ("error", "skip")

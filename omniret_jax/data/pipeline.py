@@ -232,6 +232,17 @@ class PipelineSummary:
         if len(ids) < _EXAMPLES_PER_REASON:
             ids.append(example)
 
+    def add(self, other: PipelineSummary) -> None:
+        """Adds another pipeline's counts (and examples, up to 5 a reason) to these."""
+        self.seen, self.yielded, self.replaced = (self.seen + other.seen, self.yielded + other.yielded,
+                                                  self.replaced + other.replaced)
+        for mine, theirs in ((self.skipped, other.skipped), (self.fallbacks, other.fallbacks)):
+            for reason, n in theirs.items():
+                mine[reason] = mine.get(reason, 0) + n
+        for key, ids in other.examples.items():
+            kept = self.examples.setdefault(key, [])
+            kept.extend(ids[:_EXAMPLES_PER_REASON - len(kept)])
+
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         out = {f"{prefix}seen": float(self.seen), f"{prefix}yielded": float(self.yielded),
                f"{prefix}replaced": float(self.replaced),

@@ -20,6 +20,10 @@ function of (seed, settings): same seed -> same manifest, same decoded frames an
 With one encoder thread the encoded bytes are identical as well on the same PyAV/FFmpeg build
 (not promised across FFmpeg versions, whose muxer writes its version string).
 
+``generate_tasks`` writes the curriculum's multi-task version: clips of distinct shape x colour x
+motion, each the document of a text -> video, a still frame -> video and a composed (still frame +
+text) -> video record.
+
     python -m omniret_jax.data.synth --out DIR --n N [--seed S] [--seconds 3] [--size 64]
 """
 
@@ -209,28 +213,69 @@ def _make_clip_star(args):
     return make_clip(*args)
 
 
+def _make_clips(jobs: list[tuple], workers: int, progress: bool) -> list[ManifestRecord]:
+    bar = tqdm(total=len(jobs), desc="synth clips", unit="clip", disable=not progress)
+    records = []
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for rec in pool.imap(_make_clip_star, jobs, chunksize=4):
+                records.append(rec)
+                bar.update()
+    else:
+        for job in jobs:
+            records.append(make_clip(*job))
+            bar.update()
+    bar.close()
+    return records
+
+
 def generate(out_dir: str, n: int, *, seed: int = 0, settings: SynthSettings = SynthSettings(),
              workers: int = 1, progress: bool = True) -> list[ManifestRecord]:
     """Writes `n` clips under out_dir/clips and out_dir/manifest.jsonl; returns the records."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
-    jobs = [(out_dir, seed, i, settings) for i in range(n)]
-    bar = tqdm(total=n, desc="synth clips", unit="clip", disable=not progress)
-    if workers > 1:
-        import multiprocessing as mp
+    records = _make_clips([(out_dir, seed, i, settings) for i in range(n)], workers, progress)
+    write_manifest(os.path.join(out_dir, "manifest.jsonl"), records)
+    return records
 
-        with mp.get_context("spawn").Pool(workers) as pool:
-            records = []
-            for rec in pool.imap(_make_clip_star, jobs, chunksize=4):
-                records.append(rec)
-                bar.update()
-    else:
-        records = []
-        for job in jobs:
-            records.append(make_clip(*job))
-            bar.update()
-    bar.close()
+
+TASKS = ("t2v", "i2v", "ti2v")
+VISUAL_COMBOS = len(SHAPES) * len(COLOURS) * len(MOTIONS)
+
+
+def generate_tasks(out_dir: str, n: int, *, seed: int = 0, settings: SynthSettings = SynthSettings(),
+                   tasks: tuple[str, ...] = TASKS, workers: int = 1, progress: bool = True) -> list[ManifestRecord]:
+    """The curriculum's multi-task corpus: `n` clips (at most 48) whose visual facts (shape, colour,
+    motion) all differ, so every task's gold document is the only right one (the video path sees
+    no audio), and per clip one record of each task, the clip its document, ``task`` set, id
+    ``<clip id>/<task>``:
+        t2v   caption -> clip
+        i2v   the clip's still frame -> clip (shape, colour and the start position: motion is guessed)
+        ti2v  that still frame + ``composed_query`` ("the same shape, moving left") -> clip
+    The image queries are the still frame of the document clip (``data.batch.still_frames``), so a
+    record's caption is its text query (i2v keeps the clip's caption, which its I path never reads).
+    Writes out_dir/clips and out_dir/manifest.jsonl; returns the records."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not 0 < n <= VISUAL_COMBOS:
+        raise ValueError(f"tasks {list(tasks)} must be out of {TASKS} and 0 < n={n} <= {VISUAL_COMBOS} (distinct "
+                         "shape x colour x motion)")
+    picked, seen, index = [], set(), 0
+    while len(picked) < n:
+        a = clip_attributes(seed, index)
+        if (a["shape"], a["colour"], a["motion"]) not in seen:
+            seen.add((a["shape"], a["colour"], a["motion"]))
+            picked.append(index)
+        index += 1
+    os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
+    clips = _make_clips([(out_dir, seed, i, settings) for i in picked], workers, progress)
+    records = []
+    for clip in clips:
+        text = {"t2v": clip.caption, "i2v": clip.caption, "ti2v": clip.meta["composed_query"]}
+        records += [dataclasses.replace(clip, id=f"{clip.id}/{t}", caption=text[t], task=t,
+                                        meta=dict(clip.meta, clip=clip.id)) for t in tasks]
     write_manifest(os.path.join(out_dir, "manifest.jsonl"), records)
     return records
 

@@ -124,19 +124,32 @@ class GalleryEmbedder:
     def embed_records(self, records: Sequence[ManifestRecord], paths: Sequence[str], pcfg: PipelineConfig, *,
                       desc: str = "embed", progress: bool = True) -> dict[str, np.ndarray]:
         """{path: float32 [len(records), D]} in record order; ValueError if the pipeline skips one."""
-        expected = [r.id for r in records]
+        return self.embed_batches(self.batches(records, pcfg, desc=desc, progress=progress), paths,
+                                  pcfg.patch_bucket_sizes)
+
+    def embed_batches(self, batches, paths: Sequence[str], patch_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+        """{path: float32 [rows, D]} of (batch, real rows) pairs (``batches``), the pad rows dropped."""
         out: dict[str, list[np.ndarray]] = {p: [] for p in paths}
+        for batch, n in batches:
+            for p, e in self.embed_batch(batch, paths, patch_buckets).items():
+                out[p].append(e[:n])
+        return {p: np.concatenate(v) for p, v in out.items()}
+
+    def batches(self, records: Sequence[ManifestRecord], pcfg: PipelineConfig, *, desc: str = "embed",
+                progress: bool = True):
+        """Yields (batch of exactly ``batch_size`` rows, its real rows n) over ``records`` in order, the
+        last padded by repeating its last clip; ValueError if the pipeline skips one."""
+        expected = [r.id for r in records]
         pending: list[dict] = []
         done = 0
         bar = tqdm(total=len(records), desc=desc, unit="clip", disable=not progress)
 
-        def flush():
+        def padded():
             n = len(pending)
-            rows = pending + [pending[-1]] * (self.batch_size - n)  # pad by repeating; dropped below
-            for p, e in self.embed_batch(_concat(rows), paths, pcfg.patch_bucket_sizes).items():
-                out[p].append(e[:n])
+            rows = pending + [pending[-1]] * (self.batch_size - n)  # pad by repeating; dropped by the caller
             pending.clear()
             bar.update(n)
+            return _concat(rows), n
 
         if pcfg.caption_tokens is None:  # captions tokenised in the pipeline, within the padded lengths
             pcfg = dataclasses.replace(pcfg, caption_tokens=caption_token_budget(self.ecfg))
@@ -149,15 +162,14 @@ class GalleryEmbedder:
                 done += 1
                 pending.append(sample)
                 if len(pending) == self.batch_size:
-                    flush()
+                    yield padded()
             if done < len(expected):
                 self._skipped(expected[done:], pipeline)
             if pending:
-                flush()
+                yield padded()
         finally:
             bar.close()
             pipeline.close()
-        return {p: np.concatenate(v) for p, v in out.items()}
 
     @staticmethod
     def _skipped(ids: list[str], pipeline: DataPipeline):
