@@ -45,6 +45,7 @@ def test_quickstart(tmp_path):
     assert all(0.0 <= m["R@1"] <= 100.0 for m in res["directions"].values())
 
 
+@pytest.mark.slow  # ~6 min on 2 cores: nine tiny runs and their evaluations
 def test_ablations(tmp_path):
     # Two backbones: WAVE's five runs and Nemotron's four (~1.5x the WAVE-only notebook).
     nb = _execute("ablations.ipynb", tmp_path, timeout=1800)
