@@ -150,9 +150,10 @@ def rotation_count(loss_cfg, micro_batch: int, update: int) -> int:
 
 
 class RowExchange:
-    """Every process's per-row metadata (the hard negatives', the clips' patch need) through jax.distributed's key-value
-    store rather than a device collective: the producer thread lays batches out while the main
-    thread's step runs, and collectives must not be issued from two threads at once."""
+    """Every process's per-row metadata (the hard negatives', the clips' patch need) through
+    jax.distributed's key-value store rather than a device collective: the producer thread lays
+    batches out while the main thread's step runs, and collectives must not be issued from two
+    threads at once."""
 
     def __init__(self, lag: int, timeout_s: float = 600.0):
         from jax._src import distributed

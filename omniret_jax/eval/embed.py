@@ -112,7 +112,7 @@ class GalleryEmbedder:
         """{path: float32 [B, D]} for a batch of exactly `batch_size` rows; its video patches cut to
         the smallest of ``patch_buckets`` (the pipeline's ``patch_bucket_sizes``) that holds them."""
         s = self.state
-        if patch_buckets and "video_patches" in batch:
+        if patch_buckets:
             batch = cut_patches(batch, patch_buckets)
         if any("I" in p for p in paths) and "image_patches" not in batch:
             batch = still_frames(batch, s.cfg.vision)
