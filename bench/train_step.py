@@ -202,6 +202,8 @@ _ABSTRACT = flags.DEFINE_boolean("abstract", False, "accounting only: allocate n
 _COMPILE_ONLY = flags.DEFINE_boolean("compile_only", False, "compile the step on abstract weights and report its "
                                      "compile time and memory analysis, allocate no weight (the 7B shapes on a CPU)")
 _JSON = flags.DEFINE_string("json", None, "also write the result here")
+_PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the timed steps here "
+                               "(TensorBoard / xprof; bench/profile_ops.py sums it per XLA op)")
 
 
 def run(c) -> dict:
@@ -307,12 +309,17 @@ def run(c) -> dict:
     times = []
     skipped = 0
     for i in range(_WARMUP.value + _STEPS.value):
+        if i == _WARMUP.value and _PROFILE.value:
+            jax.profiler.start_trace(_PROFILE.value)
         t0 = time.perf_counter()
         trainable, opt, metrics = compiled(trainable, frozen, opt, inputs, step, key)
         jax.block_until_ready((trainable, opt, metrics))
         if i >= _WARMUP.value:
             times.append(time.perf_counter() - t0)
             skipped += int(metrics["skipped"])
+    if _PROFILE.value:
+        jax.profiler.stop_trace()
+        print(f"profile of the {_STEPS.value} timed steps in {_PROFILE.value} (the trace slows them a little)")
     dt = statistics.median(times)
     peak, peak_src = peak_flops(dev, _PEAK.value)
     # Virtual CPU devices share the host whose whole matmul rate was measured.

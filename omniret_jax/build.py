@@ -153,11 +153,15 @@ def check_backbone(c) -> None:
 
 
 def with_attention(cfg: BackboneConfig, c) -> BackboneConfig:
-    """The LLM's attention from the config: its kernel ``model.attention`` (xla | cudnn) and its
-    mask ``model.causal`` (False: bidirectional, padding-only)."""
-    impl = c.model.get("attention", "xla") or "xla"
-    if impl not in ("xla", "cudnn"):
-        raise ValueError(f"config.model.attention={impl!r}: expected 'xla' or 'cudnn'")
+    """The LLM's attention from the config: its kernel ``model.attention`` and its mask
+    ``model.causal`` (False: bidirectional, padding-only). Kernels: xla (jax.nn), cudnn (GPU
+    flash attention, bf16), blocked (``model.attention``: no fused kernel needed), auto (blocked
+    on CPU, where XLA has no fused attention; xla elsewhere)."""
+    impl = c.model.get("attention", "auto") or "auto"
+    if impl not in ("auto", "xla", "cudnn", "blocked"):
+        raise ValueError(f"config.model.attention={impl!r}: expected 'auto', 'xla', 'cudnn' or 'blocked'")
+    if impl == "auto":
+        impl = "blocked" if jax.default_backend() == "cpu" else "xla"
     causal = bool(c.model.get("causal", cfg.text.causal))
     return cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=None if impl == "xla" else impl,
                                                 causal=causal))

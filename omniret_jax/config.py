@@ -73,7 +73,7 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     tie_word_embeddings: bool = False
     causal: bool = True                 # False: bidirectional self-attention (padding-only mask)
-    attention_impl: str | None = None   # jax.nn.dot_product_attention implementation: None/"xla" or "cudnn"
+    attention_impl: str | None = None   # None/"xla" or "cudnn" (jax.nn.dot_product_attention) or "blocked"
 
     @property
     def dim_per_head(self) -> int:

@@ -9,6 +9,8 @@ every hidden state and the logits at real tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from flax import nnx
 
@@ -17,6 +19,12 @@ from omniret_jax.data.vision_layout import vision_layout
 from omniret_jax.inputs import AUDIO
 
 TOL = 1e-4
+
+
+def with_kernel(kernel: str):
+    """A ``configure`` for the loaders: the LLM attention kernel ("xla" = jax.nn's, or "blocked")."""
+    impl = None if kernel == "xla" else kernel
+    return lambda cfg: cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=impl))
 PATCH = 3 * 2 * 14 * 14
 
 

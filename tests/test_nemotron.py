@@ -47,6 +47,7 @@ from omniret_jax.model.thinker import Thinker
 from tests.hf_tiny import (AUDIO_BOS, AUDIO_EOS, AUDIO_ID, IM_END, IM_START, VIDEO_ID, VISION_BOS, VISION_EOS,
                            bidirectional_mask, make_bidirectional, tiny_hf_thinker)
 from tests.test_embedder_parity import encode, make_batch, path_errors
+from tests.parity import with_kernel
 from tests.test_thinker_parity import _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +63,10 @@ def nemotron_ecfg(**kw) -> EmbedConfig:
     return dataclasses.replace(build.embed_config(c), **kw)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(bidirectional reference, our model loaded from its Nemotron-style checkpoint)."""
+@pytest.fixture(scope="module", params=["xla", "blocked"])
+def models(tmp_path_factory, request):
+    """(bidirectional reference, our model loaded from its Nemotron-style checkpoint), with either
+    attention kernel."""
     hf = make_bidirectional(tiny_hf_thinker(seed=13))
     path = tmp_path_factory.mktemp("nemotron") / "ckpt"
     hf.save_pretrained(path)
@@ -72,7 +74,7 @@ def models(tmp_path_factory):
     cfg.update(model_type="nvomniembed", architectures=["NVOmniEmbedModel"],
                auto_map={"AutoModel": "modeling_nv_omni_embed.NVOmniEmbedModel"})
     (path / "config.json").write_text(json.dumps(cfg))
-    model, report = load_thinker(path, progress=False)
+    model, report = load_thinker(path, progress=False, configure=with_kernel(request.param))
     assert report.layout == "nemotron" and not report.ignored
     assert type(model) is Thinker and model.cfg.text.causal is False  # read from model_type
     return hf, model

@@ -19,15 +19,16 @@ from omniret_jax.data.layout import Audio, Image, Video, audio_output_lengths, b
 from omniret_jax.inputs import AUDIO, IMAGE, VIDEO
 from omniret_jax.model.embedder import l2_normalize, mean_pool
 from tests.hf_tiny import IM_END, bidirectional_mask, tiny_hf_thinker
-from tests.parity import TOL, compare, flax_forward, vision_inputs, vision_items
+from tests.parity import TOL, compare, with_kernel, flax_forward, vision_inputs, vision_items
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+@pytest.fixture(scope="module", params=["xla", "blocked"])
+def models(tmp_path_factory, request):
+    """The reference and our thinker, with either attention kernel (jax.nn's XLA one, the blocked one)."""
     hf = tiny_hf_thinker(seed=3)
     path = tmp_path_factory.mktemp("parity") / "thinker"
     hf.save_pretrained(path)
-    flax_model, _ = load_thinker(path, progress=False)
+    flax_model, _ = load_thinker(path, progress=False, configure=with_kernel(request.param))
     return hf, flax_model
 
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from omniret_jax.model.attention import blocked_attention
+
 Axes = tuple[str | None, ...]
 
 # Logical axis names used across the model. Kept as constants so a typo is an
@@ -202,10 +204,12 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 def dot_product_attention(q: Float[Array, "b sq hq d"], k: Float[Array, "b sk hkv d"], v: Float[Array, "b sk hkv d"],
                           mask: Bool[Array, "#b #hq #sq sk"] | None = None, *, causal: bool = False,
-                          lengths: Int[Array, "b"] | None = None, implementation: str | None = None
-                          ) -> Float[Array, "b sq hq d"]:
+                          lengths: Int[Array, "b"] | None = None, segments: Int[Array, "b sk"] | None = None,
+                          implementation: str | None = None) -> Float[Array, "b sq hq d"]:
     """Softmax attention through ``jax.nn.dot_product_attention``: float32 logits and softmax,
-    GQA by head grouping (K/V are never repeated), cuDNN flash attention on GPU when asked.
+    GQA by head grouping (K/V are never repeated), cuDNN flash attention on GPU when asked, or
+    ``implementation="blocked"``: ``model.attention.blocked_attention`` (self-attention whose
+    mask is ``segments``, contiguous runs of ids with 0 = padding; the fast path on CPU).
 
     The mask is given in the cheapest form the caller has: ``causal`` and ``lengths`` (valid keys
     of right-padded rows, what the flash kernel takes) or a boolean ``mask`` broadcastable to
@@ -213,6 +217,10 @@ def dot_product_attention(q: Float[Array, "b sq hq d"], k: Float[Array, "b sk hk
     packed rows and vision windows). A query with no key to attend (padding) gets finite values
     that callers discard.
     """
+    if implementation == "blocked":
+        if segments is None or mask is not None or lengths is not None:
+            raise ValueError("the blocked kernel takes its mask as segment ids alone")
+        return blocked_attention(q, k, v, segments, causal=causal)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, key_value_seq_lengths=lengths,
                                         implementation=implementation)
 

@@ -84,10 +84,13 @@ def attention_mask_args(attention_mask: jax.Array, cfg: TextConfig, *, packed: b
 
     ``attention_mask`` [R, S]: 0 = padding, else the token's segment id (1 in an unpacked row).
     Packed rows attend within their own segment (block-diagonal); unpacked rows take a key
-    mask [R, 1, 1, S], or with the cuDNN kernel their valid lengths (rows right-padded).
+    mask [R, 1, 1, S], or with the cuDNN kernel their valid lengths (rows right-padded); the
+    blocked kernel takes the segment ids themselves, packed or not.
     Causal (the Qwen thinker) or bidirectional (``TextConfig.causal`` False) within a segment.
     """
     impl = cfg.attention_impl
+    if impl == "blocked":
+        return dict(segments=attention_mask, causal=cfg.causal, implementation=impl)
     if packed:
         seg = attention_mask
         mask = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] > 0)
