@@ -156,7 +156,8 @@ def with_attention(cfg: BackboneConfig, c) -> BackboneConfig:
     """The LLM's attention from the config: its kernel ``model.attention`` and its mask
     ``model.causal`` (False: bidirectional, padding-only). Kernels: xla (jax.nn), cudnn (GPU
     flash attention, bf16), blocked (``model.attention``: no fused kernel needed), auto (blocked
-    on CPU, where XLA has no fused attention; xla elsewhere)."""
+    on CPU, where XLA has no fused attention; xla elsewhere). The vision tower's window and
+    frame attention takes the blocked kernel with the LLM's, else jax.nn with segment masks."""
     impl = c.model.get("attention", "auto") or "auto"
     if impl not in ("auto", "xla", "cudnn", "blocked"):
         raise ValueError(f"config.model.attention={impl!r}: expected 'auto', 'xla', 'cudnn' or 'blocked'")
@@ -164,7 +165,8 @@ def with_attention(cfg: BackboneConfig, c) -> BackboneConfig:
         impl = "blocked" if jax.default_backend() == "cpu" else "xla"
     causal = bool(c.model.get("causal", cfg.text.causal))
     return cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=None if impl == "xla" else impl,
-                                                causal=causal))
+                                                causal=causal),
+                       vision=dataclasses.replace(cfg.vision, attention_impl="blocked" if impl == "blocked" else None))
 
 
 def optimizer(c) -> optax.GradientTransformation:

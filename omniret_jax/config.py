@@ -95,6 +95,7 @@ class VisionConfig:
     out_hidden_size: int = 3584
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     rope_theta: float = 10000.0
+    attention_impl: str | None = None   # None: segment masks through jax.nn; "blocked": model.attention
 
 
 @dataclasses.dataclass(frozen=True)

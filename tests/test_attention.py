@@ -132,3 +132,17 @@ def test_span_reads_only_keys_in_reach(causal):
     # a span shorter than a segment is a broken promise: the result changes, so the bound matters
     short = blocked_attention(q, k, v, seg, causal=causal, block=16, span=3)
     assert float(jnp.max(jnp.abs(short - full))) > 1e-3
+
+
+def test_rope_backward_is_the_inverse_rotation():
+    """apply_rope's hand-written backward equals autodiff of HF's formula (x*cos + rotate_half(x)*sin)."""
+    from omniret_jax.model.layers import apply_rope, rotate_half
+    x = jax.random.normal(jax.random.key(0), (2, 7, 3, 12))
+    ang = jnp.arange(7 * 12, dtype=jnp.float32).reshape(1, 7, 1, 12) * 0.37
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    ours = jax.grad(lambda x: jnp.sum(apply_rope(x, cos, sin) * w))(x)
+    ref = jax.grad(lambda x: jnp.sum((x * cos + rotate_half(x) * sin) * w))(x)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(apply_rope(x, cos, sin)), np.asarray(x * cos + rotate_half(x) * sin),
+                               atol=0, rtol=0)

@@ -44,14 +44,15 @@ def jax_config(hf_vision) -> VisionConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def reference(act: str = "silu"):
-    """(torch visual, float32 tower, jitted forward) for one activation."""
+def reference(act: str = "silu", kernel: str | None = None):
+    """(torch visual, float32 tower, jitted forward) for one activation and attention kernel
+    (None: jax.nn with segment masks; "blocked": omniret_jax.model.attention)."""
     visual = tiny_hf_thinker(vision_act=act).model.visual
     with torch.no_grad():  # default init gives near-uniform attention that hides rope/mask bugs
         for blk in visual.blocks:
             blk.attn.q.weight.mul_(QK_SCALE)
             blk.attn.k.weight.mul_(QK_SCALE)
-    tower = VisionTower(jax_config(visual), rngs=nnx.Rngs(0))
+    tower = VisionTower(dataclasses.replace(jax_config(visual), attention_impl=kernel), rngs=nnx.Rngs(0))
     load_torch_weights(tower, visual)
     return visual, tower, nnx.jit(lambda m, x, lay: m(x, lay))
 
@@ -87,8 +88,9 @@ def max_err(a, b) -> float:
     ("silu", [(1, 8, 8), (1, 10, 6)]),  # one sample holding two images
     ("quick_gelu", [(2, 8, 12), (1, 10, 6)]),
 ])
-def test_single_sample_matches_reference(act, grids):
-    visual, tower, fwd = reference(act)
+@pytest.mark.parametrize("kernel", [None, "blocked"])
+def test_single_sample_matches_reference(act, grids, kernel):
+    visual, tower, fwd = reference(act, kernel)
     rng = np.random.default_rng(1)
     x = random_patches(rng, grids)
     want = torch_run(visual, x, grids)
@@ -104,8 +106,9 @@ def test_single_sample_matches_reference(act, grids):
     assert np.all(np.asarray(feats[0, n:]) == 0)
 
 
-def test_padded_batch_matches_each_sample_alone():
-    visual, tower, fwd = reference()
+@pytest.mark.parametrize("kernel", [None, "blocked"])
+def test_padded_batch_matches_each_sample_alone(kernel):
+    visual, tower, fwd = reference("silu", kernel)
     rng = np.random.default_rng(2)
     samples = [[(1, 8, 8)], [(2, 8, 12), (1, 10, 6)], [(1, 4, 4)], []]
     xs = [random_patches(rng, g) if g else np.zeros((0, PATCH_DIM), np.float32) for g in samples]

@@ -202,6 +202,26 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+@jax.custom_vjp
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x * cos + rotate_half(x) * sin (HF's apply_rotary_pos_emb). The rotation is orthogonal,
+    so the backward is the inverse rotation, dx = dy * cos - rotate_half(dy * sin): written so,
+    not as the transpose of a concatenate (pads of slices that XLA lays out badly on CPU)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def _rope_fwd(x, cos, sin):
+    return apply_rope(x, cos, sin), (cos, sin)
+
+
+def _rope_bwd(res, dy):
+    cos, sin = res
+    return (dy * cos - rotate_half(dy * sin)).astype(dy.dtype), None, None  # cos, sin: of positions only
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
+
+
 def dot_product_attention(q: Float[Array, "b sq hq d"], k: Float[Array, "b sk hkv d"], v: Float[Array, "b sk hkv d"],
                           mask: Bool[Array, "#b #hq #sq sk"] | None = None, *, causal: bool = False,
                           lengths: Int[Array, "b"] | None = None, segments: Int[Array, "b sk"] | None = None,

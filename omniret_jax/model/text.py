@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int
 from omniret_jax.config import TextConfig
 from omniret_jax.inputs import Arr
 from omniret_jax.model.layers import (
-    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, dot_product_attention, rotate_half,
+    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, dot_product_attention, apply_rope,
 )
 
 
@@ -58,8 +58,7 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         c, sn = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * c + rotate_half(q) * sn
-        k = k * c + rotate_half(k) * sn
+        q, k = apply_rope(q, c, sn), apply_rope(k, c, sn)
         out = dot_product_attention(q, k, v, **mask)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
