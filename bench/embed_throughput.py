@@ -35,6 +35,7 @@ _BATCH = flags.DEFINE_integer("batch", None, "clips per call (default: the confi
 _STEPS = flags.DEFINE_integer("steps", 10, "timed calls per path")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed calls first (the first compiles)")
 _PATHS = flags.DEFINE_list("paths", ["AV", "T"], "embedding paths to time, one at a time")
+_PROFILE = flags.DEFINE_string("profile", None, "write a jax.profiler trace of the timed calls here")
 
 
 def run(c) -> dict:
@@ -55,10 +56,14 @@ def run(c) -> dict:
         inputs = sharding.shard_batch(prepare(batch, (path,), state.cfg, state.tokens, ecfg), mesh)
         times = []
         for i in range(_WARMUP.value + _STEPS.value):
+            if i == _WARMUP.value and _PROFILE.value:
+                jax.profiler.start_trace(f"{_PROFILE.value}/{path}")
             t0 = time.perf_counter()
             jax.block_until_ready(embed(state.trainable, state.frozen, inputs))
             if i >= _WARMUP.value:
                 times.append(time.perf_counter() - t0)
+        if _PROFILE.value:
+            jax.profiler.stop_trace()
         median = statistics.median(times)
         print(f"{path}: {1000 * median:.1f} ms per batch of {b} (min {1000 * min(times):.1f}), "
               f"{b / median:.1f} clips/s", file=sys.stderr)
