@@ -4,9 +4,11 @@ XLA has no fused attention on CPU: ``jax.nn.dot_product_attention`` materialises
 the whole batch ([B, H, S, S] float32, tens of MB at 700 tokens), walks them several times in
 the softmax and again in its transposed layout for the backward, and computes every causal
 score it then masks. This kernel (the flash-attention recurrence, written in plain JAX) works
-one row at a time (``lax.map``) and one block of queries at a time, so the scores of a block
-stay in cache:
+one kv head at a time and one block of queries at a time, so the scores of a block stay in
+cache:
 
+* rows batched (vmap), kv heads in a loop (lax.map): a head's blocks stay in cache, and the
+  rows a data / fsdp mesh shards are never looped over (that would gather them);
 * causal rows: query block i reads only keys [0, end of block i): about half the work; with
   segments no longer than a known ``span`` (vision windows) only the keys within reach;
 * GQA without repeated K/V: queries are grouped [K, G, T, D] against keys [K, S, D];
@@ -79,7 +81,7 @@ def _row_forward(q, k, v, lo_k, hi_k, *, causal: bool, block: int, span: int | N
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
-def _row_backward(q, k, v, lo_k, hi_k, o, lse, do, *, causal: bool, block: int, span: int | None, scale: float):
+def _row_backward(q, k, v, o, lse, do, lo_k, hi_k, *, causal: bool, block: int, span: int | None, scale: float):
     s_len = k.shape[1]
     delta = jnp.sum(do.astype(F32) * o, axis=-1)  # [K, G, T]
     dq, dk, dv = [], jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32)
@@ -125,6 +127,21 @@ def key_ranges(segments: Int[Array, "b t"], causal: bool) -> tuple[Int[Array, "b
     return jnp.where(valid, lo, 0), jnp.where(valid, hi, 0)
 
 
+def _per_head(row, per_head, per_row):
+    """``row`` over every (row, kv head): a loop over kv heads (lax.map: one head's blocks stay
+    in cache) of all rows at once (vmap). Rows, not heads, are what a data / fsdp mesh shards,
+    and a loop over a sharded axis would gather it onto every device.
+
+    per_head: arrays [B, K, ...]; per_row: arrays [B, ...] shared by the heads. ``row`` takes
+    one row's per-head arrays (with a kv-head axis of 1), then its per-row arrays."""
+    def one_head(xs):
+        out = jax.vmap(row)(*[x[:, None] for x in xs], *per_row)
+        return tuple(y[:, 0] for y in out)
+
+    outs = jax.lax.map(one_head, tuple(jnp.moveaxis(x, 1, 0) for x in per_head))
+    return tuple(jnp.moveaxis(y, 0, 1) for y in outs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q, k, v, lo_k, hi_k, causal: bool, block: int, span: int | None):
     return _attention_fwd(q, k, v, lo_k, hi_k, causal, block, span)[0]
@@ -133,7 +150,7 @@ def _attention(q, k, v, lo_k, hi_k, causal: bool, block: int, span: int | None):
 def _attention_fwd(q, k, v, lo_k, hi_k, causal, block, span):
     qg, kk, vv = _grouped(q, k, v)
     row = functools.partial(_row_forward, causal=causal, block=block, span=span, scale=1.0 / math.sqrt(q.shape[-1]))
-    o, lse = jax.lax.map(lambda a: row(*a), (qg, kk, vv, lo_k, hi_k))
+    o, lse = _per_head(row, (qg, kk, vv), (lo_k, hi_k))
     return _ungrouped(o, q.shape).astype(q.dtype), (q, k, v, lo_k, hi_k, o, lse)
 
 
@@ -143,7 +160,7 @@ def _attention_bwd(causal, block, span, res, do):
     dog = _grouped(do, k, v)[0]
     row = functools.partial(_row_backward, causal=causal, block=block, span=span,
                             scale=1.0 / math.sqrt(q.shape[-1]))
-    dq, dk, dv = jax.lax.map(lambda a: row(*a), (qg, kk, vv, lo_k, hi_k, o, lse, dog))
+    dq, dk, dv = _per_head(row, (qg, kk, vv, o, lse, dog), (lo_k, hi_k))
     dk, dv = dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype)
     return _ungrouped(dq, q.shape).astype(q.dtype), dk, dv, None, None
 
