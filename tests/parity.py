@@ -22,9 +22,12 @@ TOL = 1e-4
 
 
 def with_kernel(kernel: str):
-    """A ``configure`` for the loaders: the LLM attention kernel ("xla" = jax.nn's, or "blocked")."""
+    """A ``configure`` for the loaders: the attention kernel of the LLM and the vision tower, as
+    ``build.with_attention`` sets it ("xla" = jax.nn's, or "blocked"). ``with_kernel("xla")(cfg)``
+    is also ``cfg`` without the run-time choice, as a config.json stores it."""
     impl = None if kernel == "xla" else kernel
-    return lambda cfg: cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=impl))
+    return lambda cfg: cfg.replace(text=dataclasses.replace(cfg.text, attention_impl=impl),
+                                   vision=dataclasses.replace(cfg.vision, attention_impl=impl))
 PATCH = 3 * 2 * 14 * 14
 
 

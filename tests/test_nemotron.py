@@ -63,7 +63,8 @@ def nemotron_ecfg(**kw) -> EmbedConfig:
     return dataclasses.replace(build.embed_config(c), **kw)
 
 
-@pytest.fixture(scope="module", params=["xla", "blocked"])
+# The default run covers the kernel CPUs run (blocked); jax.nn's (GPUs, TPUs) is in the slow set.
+@pytest.fixture(scope="module", params=[pytest.param("xla", marks=pytest.mark.slow), "blocked"])
 def models(tmp_path_factory, request):
     """(bidirectional reference, our model loaded from its Nemotron-style checkpoint), with either
     attention kernel."""

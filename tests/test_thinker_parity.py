@@ -22,7 +22,8 @@ from tests.hf_tiny import IM_END, bidirectional_mask, tiny_hf_thinker
 from tests.parity import TOL, compare, with_kernel, flax_forward, vision_inputs, vision_items
 
 
-@pytest.fixture(scope="module", params=["xla", "blocked"])
+# The default run covers the kernel CPUs run (blocked); jax.nn's (GPUs, TPUs) is in the slow set.
+@pytest.fixture(scope="module", params=[pytest.param("xla", marks=pytest.mark.slow), "blocked"])
 def models(tmp_path_factory, request):
     """The reference and our thinker, with either attention kernel (jax.nn's XLA one, the blocked one)."""
     hf = tiny_hf_thinker(seed=3)
