@@ -12,8 +12,9 @@ cache:
 * causal rows: query block i reads only keys [0, end of block i): about half the work; with
   segments no longer than a known ``span`` (vision windows) only the keys within reach;
 * GQA without repeated K/V: queries are grouped [K, G, T, D] against keys [K, S, D];
-* masks as segment ids: a key is seen when its segment equals the query's and is not 0
-  (padding); an unpacked row is segment 1 where valid, a packed row numbers its sequences;
+* masks as segment ids, each segment a contiguous run: a key is seen when its segment equals
+  the query's and is not 0 (padding); an unpacked row (left or right padded) is segment 1 where
+  valid, a packed row numbers its sequences;
 * float32 logits, softmax statistics and accumulators whatever the input dtype;
 * a custom VJP that keeps only the output and the row log-sum-exp (not the probabilities) and
   recomputes each block's scores in the backward (dS = P * (dP - rowsum(dO * O))).
@@ -101,12 +102,15 @@ def _row_backward(q, k, v, o, lse, do, lo_k, hi_k, *, causal: bool, block: int, 
     return jnp.concatenate(dq, axis=2), dk, dv
 
 
+def _grouped_q(q, kv: int):
+    """[B, T, Hq, D] -> [B, K, G, T, D]."""
+    b, t, hq, d = q.shape
+    return q.reshape(b, t, kv, hq // kv, d).transpose(0, 2, 3, 1, 4)
+
+
 def _grouped(q, k, v):
     """[B, T, Hq, D], [B, S, K, D] -> [B, K, G, T, D], [B, K, S, D]."""
-    b, t, hq, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, hq // kv, d).transpose(0, 2, 3, 1, 4)
-    return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return _grouped_q(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _ungrouped(x, shape):
@@ -157,7 +161,7 @@ def _attention_fwd(q, k, v, lo_k, hi_k, causal, block, span):
 def _attention_bwd(causal, block, span, res, do):
     q, k, v, lo_k, hi_k, o, lse = res
     qg, kk, vv = _grouped(q, k, v)
-    dog = _grouped(do, k, v)[0]
+    dog = _grouped_q(do, k.shape[2])
     row = functools.partial(_row_backward, causal=causal, block=block, span=span,
                             scale=1.0 / math.sqrt(q.shape[-1]))
     dq, dk, dv = _per_head(row, (qg, kk, vv, o, lse, dog), (lo_k, hi_k))

@@ -246,13 +246,18 @@ def dot_product_attention(q: Float[Array, "b sq hq d"], k: Float[Array, "b sk hk
 
 
 def segment_attention(q: Float[Array, "b s h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"],
-                      segments: Int[Array, "b s"], *, band: int | None = None) -> Float[Array, "b s h d"]:
+                      segments: Int[Array, "b s"], *, band: int | None = None,
+                      implementation: str | None = None) -> Float[Array, "b s h d"]:
     """Bidirectional attention within segments (tokens with equal ids; ids < 0 are padding).
 
     With ``band`` = B, every segment must be a contiguous run of at most B tokens: the sequence
     is cut into blocks of B and each block attends only to itself and its two neighbours, which
     hold every token of any segment the block touches. Cost S x 3B instead of S x S; exact.
+    ``implementation="blocked"``: the blocked kernel, ``band`` as its span (segments renumbered
+    from 1, padding 0).
     """
+    if implementation == "blocked":
+        return blocked_attention(q, k, v, jnp.where(segments < 0, 0, segments + 1), causal=False, span=band)
     valid_key = segments >= 0
     if band is None or 3 * band >= q.shape[1]:
         mask = (segments[:, None, :, None] == segments[:, None, None, :]) & valid_key[:, None, None, :]

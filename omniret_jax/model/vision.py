@@ -28,9 +28,8 @@ from omniret_jax.config import VisionConfig
 from omniret_jax.inputs import Arr, VisionLayout
 from omniret_jax.model.layers import (
     CONV, EMBED, VISION_EMBED, VISION_MLP, GatedMLP, Linear, RMSNorm, normal_init,
-    rotate_half, segment_attention,
+    apply_rope, segment_attention,
 )
-from omniret_jax.model.attention import blocked_attention
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class VisionAttention(nnx.Module):
         if dim % cfg.num_heads:
             raise ValueError(f"vision hidden_size={dim} not divisible by num_heads={cfg.num_heads}")
         self.num_heads, self.head_dim = cfg.num_heads, dim // cfg.num_heads
-        self.blocked = cfg.attention_impl == "blocked"
+        self.implementation = cfg.attention_impl
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=True)
         self.q = Linear(dim, dim, axes=(VISION_EMBED, VISION_MLP), **kw)
         self.k = Linear(dim, dim, axes=(VISION_EMBED, VISION_MLP), **kw)
@@ -93,12 +92,8 @@ class VisionAttention(nnx.Module):
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         # Rotary in float32 like the reference, then back to the compute dtype.
         c, s = cos[:, :, None, :], sin[:, :, None, :]
-        rope = lambda y: (y.astype(jnp.float32) * c + rotate_half(y.astype(jnp.float32)) * s).astype(y.dtype)
-        if self.blocked:  # ids from 1 (padding -1 -> 0); a window is at most ``band`` patches
-            out = blocked_attention(rope(q), rope(k), v, jnp.where(segments < 0, 0, segments + 1), causal=False,
-                                    span=band)
-        else:
-            out = segment_attention(rope(q), rope(k), v, segments, band=band)
+        rope = lambda y: apply_rope(y.astype(jnp.float32), c, s).astype(y.dtype)
+        out = segment_attention(rope(q), rope(k), v, segments, band=band, implementation=self.implementation)
         return self.proj(out.reshape(b, n, -1))
 
 
