@@ -39,6 +39,7 @@ one JSON object (also written to ``--json``).
 COMMAND: python bench/train_step.py --config configs/bench.py:tiny
 COMMAND: python bench/train_step.py --config configs/omniretriever_7b.py --config.model.init=random --abstract
 COMMAND: python bench/train_step.py --config configs/omniretriever_7b.py --config.model.init=random --batch 8
+COMMAND: python bench/train_step.py --config configs/omniretriever_7b.py --config.model.init=random --compile_only --batch 8 --config.model.attention=xla
 COMMAND: python bench/train_step.py --config configs/nemotron_3b.py --config.model.init=random --abstract
 """
 

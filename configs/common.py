@@ -36,6 +36,8 @@ def base_config(preset: str = "full") -> ml_collections.ConfigDict:
         # adaptor), frozen weights (backbone, towers, BEATs: bfloat16 halves their memory).
         precision=ml_collections.ConfigDict(dict(compute="float32", trainable="float32", frozen="float32")),
         remat="none",               # per decoder layer: "none" | "full" (recompute) | "dots" (keep matmuls)
+        scan_layers=False,          # True: the decoder layers stacked and run by lax.scan (one layer compiled,
+                                    # not L: the 7B step's compile time); checkpoints store adapters stacked
         attention="auto",           # LLM attention kernel: "auto" (blocked on CPU, else xla) | "xla" | "blocked"
                                     # | "cudnn" (GPU flash attention, bf16)
         causal=True,                # False: bidirectional self-attention (padding-only mask)

@@ -35,6 +35,7 @@ def get_config(instruction: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collect
     c.model.size = "7b"              # random init without a checkpoint (benchmarks): the 7B shapes
     c.model.precision.update(compute="bfloat16", trainable="float32", frozen="bfloat16")
     c.model.remat = "full"
+    c.model.scan_layers = True     # one decoder layer compiled instead of one per layer (compile time)
     c.data.num_frames = 8
     c.data.max_pixels = FRAME_PIXELS
     c.data.min_pixels = MIN_FRAME_PIXELS

@@ -48,6 +48,7 @@ from omniret_jax.data.tokens import TINY_IDS, Tokens, byte_tokens
 from omniret_jax.losses import LossConfig
 from omniret_jax.model.embedder import check_backbone as check_embedder
 from omniret_jax.model.lora import DEFAULT_TARGET, DEFAULT_TRAINABLE_EXTRA, LoRAConfig, apply_lora, trainable_filter
+from omniret_jax.model.text import scan_layers, unscan_layers
 from omniret_jax.model.thinker import Thinker
 from omniret_jax.model.wave import WAVE
 from omniret_jax.step import make_optimizer
@@ -289,12 +290,26 @@ def build_model(c, *, mesh: Mesh | None = None) -> tuple[Thinker, Tokens]:
     return model, tokens_for(c)
 
 
-def attach_lora(model: nnx.Module, c, *, train: bool) -> nnx.Module:
-    """Fresh adapters from the config (seeded like every run of it); dropout on in train mode."""
+def attach_lora(model: nnx.Module, c, *, train: bool, free: bool = False) -> nnx.Module:
+    """Fresh adapters from the config (seeded like every run of it); dropout on in train mode.
+    With ``model.scan_layers`` the decoder layers are then stacked for a scan (``free``: the
+    per-layer arrays are deleted as they are stacked; the model must not share them)."""
     apply_lora(model, lora_config(c), nnx.Rngs(params=c.model.seed + 1, dropout=c.model.seed + 2),
                dtype=precision(c).trainable)
     model.train() if train else model.eval()
+    if c.model.get("scan_layers", False):
+        scan_layers(model, free=free)
     return model
+
+
+def check_layer_layout(saved: Mapping[str, Any], c, where: str) -> None:
+    """A checkpoint's trainables are stacked with ``model.scan_layers`` and per layer without:
+    name the key rather than fail on the first leaf that differs."""
+    was, now = bool(saved.get("model", {}).get("scan_layers", False)), bool(c.model.get("scan_layers", False))
+    if was != now:
+        raise ValueError(f"{where} was trained with model.scan_layers={was} and this config has {now}: its "
+                         f"adapters are stored {'stacked' if was else 'per layer'}; set "
+                         f"--config.model.scan_layers={was} to restore it")
 
 
 @dataclasses.dataclass
@@ -317,7 +332,8 @@ class ModelState:
         return jax.tree.map(lambda x: x.sharding, self.frozen)
 
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+        """The merged model with its per-layer tree (scanned layers unstacked: exports, PEFT)."""
+        return unscan_layers(nnx.merge(self.graphdef, self.trainable, self.frozen))
 
 
 def _cast(tree, dtype):
@@ -374,7 +390,7 @@ def build_state(c, mesh: Mesh, *, train: bool = True, verbose: bool = False) -> 
     _check_init(c)
     if c.model.init == "checkpoint":
         model, tokens = build_model(c, mesh=mesh)
-        return place(attach_lora(model, c, train=train), c, mesh, tokens=tokens, verbose=verbose)
+        return place(attach_lora(model, c, train=train, free=True), c, mesh, tokens=tokens, verbose=verbose)
     check_backbone(c)  # with the whole config (the cache key below holds only what builds the model)
     key = json.dumps({k: c[k].to_dict() for k in ("model", "lora", "embed")}, sort_keys=True, default=list)
     graphdef, abstract_trainable, abstract_frozen, init = _random_init(key, train, mesh)
@@ -399,6 +415,7 @@ def restore_trainables(state: ModelState, c, checkpoint_dir: str | Path, step: i
         steps = ckpt.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint step in {checkpoint_dir}")
+        check_layer_layout(ckpt.read_meta(step)["config"], c, f"checkpoint {checkpoint_dir}")
         restored = ckpt.restore(steps[-1] if step is None else step, state.trainable)
     finally:
         ckpt.close()

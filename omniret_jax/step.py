@@ -22,7 +22,7 @@ from omniret_jax.config import EmbedConfig
 from omniret_jax.inputs import AUDIO, VIDEO, TrainInputs
 from omniret_jax.losses import LossConfig, compute_losses
 from omniret_jax.model.embedder import embed_path, encode_media
-from omniret_jax.model.layers import set_row_offset
+from omniret_jax.model.layers import reseed_dropout, set_row_offset
 from omniret_jax.model.thinker import MediaFeatures
 
 
@@ -125,7 +125,7 @@ def _all_finite(tree) -> jax.Array:
 def loss_and_grads(graphdef, trainable, frozen, inputs: TrainInputs, step, dropout_key, *, wrt, cfg: StepConfig):
     """(loss, metrics, gradients of the trainables) of one batch, all embeddings in one pass."""
     model = nnx.merge(graphdef, trainable, frozen)
-    nnx.reseed(model, dropout=dropout_key)
+    reseed_dropout(model, dropout_key)
 
     def loss_fn(m):
         return compute_losses(embeddings(m, inputs, cfg.ecfg), step, cfg.loss)
@@ -189,7 +189,7 @@ class CachedGrads:
 
         def embed(params, frozen, chunk, offset, key, *, negatives: bool):
             model = nnx.merge(graphdef, params, frozen, copy=True)
-            nnx.reseed(model, dropout=key)
+            reseed_dropout(model, key)
             set_row_offset(model, offset)
             return embeddings(model, chunk, cfg.ecfg, negatives=negatives)
 

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from omniret_jax import build, sharding
 from omniret_jax.build import define_config_flag
-from omniret_jax.checkpoint import TrainCheckpointer
+from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
 from omniret_jax.data import curriculum as cur
 from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked, cut_patches, still_frames
 from omniret_jax.data.manifest import load_manifest
@@ -459,6 +459,12 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
                              config=c.to_dict())
     ckpt.install_sigterm_handler()
     updates = micro = 0
+    try:
+        saved = ckpt.read_meta()["config"] if ckpt.all_steps() else None
+    except CheckpointError:
+        saved = None   # an unusable newest step: restore_latest moves it aside and falls back
+    if saved is not None:
+        build.check_layer_layout(saved, c, f"the run in {workdir}")
     restored = ckpt.restore_latest(trainable, opt_state)
     if restored is not None:
         trainable, opt_state, updates = restored.trainables, restored.opt_state, restored.step

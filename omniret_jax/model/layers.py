@@ -118,6 +118,93 @@ def set_row_offset(model: nnx.Module, offset) -> None:
             m.row_offset[...] = jnp.asarray(offset, jnp.uint32)
 
 
+def reseed_dropout(model: nnx.Module, key) -> None:
+    """``nnx.reseed(model, dropout=key)`` that also reseeds ``Stacked`` modules: a stacked stream
+    (key [n]) stands for the n streams of the modules it was stacked from, and gets the keys
+    those would get (stack-major, in the graph's order), so a scanned model draws the masks
+    of the unrolled one."""
+    stacks = [tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, Stacked)]
+    streams = [(tuple(p), s) for p, s in nnx.iter_graph(model)
+               if isinstance(s, nnx.RngStream) and s.key.tag == "dropout"]
+    keys = nnx.Rngs(dropout=key)
+    i = 0
+    while i < len(streams):
+        stack = next((q for q in stacks if streams[i][0][:len(q)] == q), None)
+        if stack is None:
+            streams[i][1].key.set_value(keys.dropout())
+            streams[i][1].count.set_value(jnp.zeros((), jnp.uint32))
+            i += 1
+            continue
+        run = [s for p, s in streams[i:] if p[:len(stack)] == stack]   # contiguous: the graph is walked depth first
+        n = run[0].key.shape[0]
+        drawn = [[keys.dropout() for _ in run] for _ in range(n)]        # [member][stream], as unrolled
+        for j, s in enumerate(run):
+            s.key.set_value(jnp.stack([drawn[m][j] for m in range(n)]))
+            s.count.set_value(jnp.zeros((n,), jnp.uint32))
+        i += len(run)
+
+
+class Stacked(nnx.Module):
+    """n structurally identical modules held as one whose every variable has a leading [n] axis
+    (logical axis None), run in order by ``lax.scan``: the program holds one copy of the module
+    instead of n (compile time flat in depth). ``stack`` builds it from the modules and ``unstack``
+    gives them back, so checkpoint layouts, LoRA targeting and exports keep the per-module tree."""
+
+    def __init__(self, module: nnx.Module, n: int):
+        self.module, self.n = module, n
+
+    @classmethod
+    def stack(cls, modules, *, free: bool = False) -> "Stacked":
+        """``free``: delete the modules' concrete arrays as each is stacked (they are being replaced),
+        so the copy costs one variable's worth of memory, not the whole stack's."""
+        modules = list(modules)
+        graphdefs, states = zip(*(nnx.split(m) for m in modules))
+        for i, g in enumerate(graphdefs[1:], 1):
+            if g != graphdefs[0]:
+                raise ValueError(f"module {i} differs in structure from module 0 (adapters on some layers "
+                                 "only?): only identical modules can be stacked for a scan")
+
+        def one(*vs):
+            axes = vs[0].get_metadata().get("axes")
+            values = [v.get_value() for v in vs]
+            out = vs[0].replace(jnp.stack(values), **({} if axes is None else {"axes": (None, *axes)}))
+            for x in values if free else ():
+                if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+                    x.delete()
+            return out
+
+        is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        return cls(nnx.merge(graphdefs[0], jax.tree.map(one, *states, is_leaf=is_var)), len(modules))
+
+    def unstack(self) -> list[nnx.Module]:
+        graphdef, state = nnx.split(self.module)
+
+        def member(i):
+            def one(v):
+                axes = v.get_metadata().get("axes")
+                return v.replace(v.get_value()[i], **({} if axes is None else {"axes": tuple(axes[1:])}))
+            return nnx.merge(graphdef, jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+        return [member(i) for i in range(self.n)]
+
+    def scan(self, fn, carry, *, policy=None, remat: bool = False):
+        """``carry = fn(module_i, carry)`` for i in order; returns (carry, ys) where ys stacks what
+        ``fn`` returns beside the carry. ``remat``: recompute each step in the backward pass,
+        keeping what ``policy`` saves (a ``jax.checkpoint`` policy; None keeps only the carry)."""
+        graphdef, state = nnx.split(self.module)
+
+        def body(c, member_state):
+            m = nnx.merge(graphdef, member_state)
+            c, y = fn(m, c)
+            return c, (y, nnx.state(m, nnx.RngCount))   # dropout draws advance their counters
+
+        if remat:
+            body = jax.checkpoint(body, policy=policy)
+        carry, (ys, counts) = jax.lax.scan(body, carry, state)
+        nnx.update(self.module, counts)
+        return carry, ys
+
+
 class GatedMLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 

@@ -5,6 +5,11 @@ order of transformers' ``output_hidden_states``: entry 0 is the embedding, entri
 1..L-1 the raw residual outputs, entry L the final-RMSNorm output. The WAVE fusion
 head only needs the pooled token of each entry, so ``pool_index`` lets the caller
 keep one position per layer instead of L full sequences.
+
+``scan_layers`` (config ``model.scan_layers``) turns the layer list into one ``layers.Stacked``
+layer run by ``lax.scan``: the same function, compiled once instead of L times (the 7B step's
+compile time). Checkpoints, LoRA targeting and exports see the per-layer tree:
+the factory stacks after loading and attaching adapters, and ``unscan_layers`` undoes it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from jaxtyping import Array, Float, Int
 from omniret_jax.config import TextConfig
 from omniret_jax.inputs import Arr
 from omniret_jax.model.layers import (
-    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, dot_product_attention, apply_rope,
+    EMBED, HEADS, KV_HEADS, MLP, VOCAB, Embed, GatedMLP, Linear, RMSNorm, Stacked, dot_product_attention, apply_rope,
 )
 
 
@@ -115,6 +120,22 @@ def remat_name(remat: bool | str) -> str:
     return name
 
 
+def scan_layers(model: nnx.Module, *, free: bool = False) -> nnx.Module:
+    """Every TextModel of ``model`` with its decoder layers stacked for a scan, in place. ``free``
+    deletes the per-layer arrays as they are stacked (at most one variable held twice): only for
+    a model whose arrays nothing else shares (``nnx.clone`` shares them)."""
+    for text in [n for _, n in nnx.iter_graph(model) if isinstance(n, TextModel) and not n.scanned]:
+        text.layers = Stacked.stack(text.layers, free=free)
+    return model
+
+
+def unscan_layers(model: nnx.Module) -> nnx.Module:
+    """The inverse of ``scan_layers``, in place: the per-layer tree (export, PEFT, checkpoint keys)."""
+    for text in [n for _, n in nnx.iter_graph(model) if isinstance(n, TextModel) and n.scanned]:
+        text.layers = nnx.List(text.layers.unstack())
+    return model
+
+
 class TextModel(nnx.Module):
     """Embedding, decoder layers and final norm (the ``model`` of the HF thinker)."""
 
@@ -127,6 +148,10 @@ class TextModel(nnx.Module):
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat = remat_name(remat)
+
+    @property
+    def scanned(self) -> bool:
+        return isinstance(self.layers, Stacked)
 
     def __call__(self, inputs_embeds: Float[Array, "r s d"], attention_mask: Int[Arr, "r s"],
                  position_ids: Int[Arr, "3 r s"], *, pool_index: Int[Arr, "b"] | None = None, packed: bool = False
@@ -151,15 +176,23 @@ class TextModel(nnx.Module):
         def run_layer(layer, h):
             return layer(h, cos, sin, mask)
 
-        if self.remat != "none":
-            run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
-
         h = inputs_embeds.astype(self.dtype)
-        states = [keep(h)]
-        for i, layer in enumerate(self.layers):
-            h = run_layer(layer, h)
-            if i < len(self.layers) - 1:
-                states.append(keep(h))
+        first = keep(h)
+        if self.scanned:
+            def step(layer, x):
+                y = run_layer(layer, x)
+                return y, keep(y)
+
+            h, mid = self.layers.scan(step, h, policy=REMAT_POLICIES[self.remat], remat=self.remat != "none")
+            mid = mid[:-1]
+        else:
+            if self.remat != "none":
+                run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
+            mid = []
+            for i, layer in enumerate(self.layers):
+                h = run_layer(layer, h)
+                if i < len(self.layers) - 1:
+                    mid.append(keep(h))
+            mid = jnp.stack(mid) if mid else jnp.zeros((0, *first.shape), first.dtype)
         h = self.norm(h)
-        states.append(keep(h))
-        return h, jnp.stack(states)
+        return h, jnp.concatenate([first[None], mid, keep(h)[None]])
