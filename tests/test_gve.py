@@ -264,9 +264,11 @@ def test_released_shapes_and_lora_on_the_llm_only(size, shape):
     assert cfg.family == "qwen2_5_vl" and cfg.vision.out_hidden_size == t.hidden_size
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size,
             t.vocab_size, t.tie_word_embeddings) == shape
-    leaves = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)]
-    assert len(leaves) == 2 * 4 * t.num_hidden_layers
-    assert all(re.fullmatch(r"language_model\.layers\.\d+\.self_attn\.[qkvo]_proj\.lora_[ab]", p) for p in leaves)
+    # The config scans its decoder layers: each adapter leaf is stacked over the layers.
+    assert c.model.scan_layers
+    leaves = {".".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(trainable)}
+    assert len(leaves) == 2 * 4 and all(shape[0] == t.num_hidden_layers for shape in leaves.values())
+    assert all(re.fullmatch(r"language_model\.layers\.module\.self_attn\.[qkvo]_proj\.lora_[ab]", p) for p in leaves)
 
 
 def _tiny(**extra):
