@@ -63,7 +63,8 @@ from omniret_jax import build, sharding
 from omniret_jax.build import define_config_flag
 from omniret_jax.checkpoint import CheckpointError, TrainCheckpointer
 from omniret_jax.data import curriculum as cur
-from omniret_jax.data.batch import build_inputs, caption_token_budget, chunked, cut_patches, still_frames
+from omniret_jax.data.batch import (add_row_layouts, build_inputs, caption_token_budget, chunked, cut_patches,
+                                    still_frames)
 from omniret_jax.data.manifest import load_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.eval.tasks import Prober
@@ -440,7 +441,11 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     budget = caption_token_budget(ecfg)
     pcfg = pipeline_config(c, augment=bool(plan.aug), caption_tokens=budget)
     if tasks is None:
-        pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows)
+        # The per-row token layouts of the step's views run in the data workers (with
+        # data.num_workers > 0), not in this process; the hard-negative tuple's stays here.
+        layout = functools.partial(add_row_layouts, anchor=plan.anchor, aug=plan.aug, model_cfg=state.cfg,
+                                   tokens=tokens, ecfg=ecfg)
+        pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows, layout=layout)
     else:
         pipeline = cur.TaskPipelines(tasks.by_task, pcfg, tokens=tokens, rows=rows, bad=tasks.bad)
         tasks.prober = Prober(state, c, mesh, tasks.schedule.tasks, tasks.subsets, wrt=wrt, base=base is not None,

@@ -21,7 +21,7 @@ import numpy as np
 
 from omniret_jax.config import EMBED_PATHS, BackboneConfig, EmbedConfig, ViewPlan, VisionConfig, check_paths
 from omniret_jax.data.layout import (Audio, Image, Text, TurnLayout, Video, audio_output_lengths, batch_media,
-                                     expand_turn, pad_batch, rope_index)
+                                     expand_turn, pad_batch, pad_position, rope_index)
 from omniret_jax.data.tokens import Tokens
 from omniret_jax.data.vision_layout import vision_layout
 from omniret_jax.inputs import AUDIO, IMAGE, PATH_LETTER, TEXT, VIDEO, EmbedInputs, PathInputs, TrainInputs
@@ -30,6 +30,8 @@ from omniret_jax.inputs import AUDIO, IMAGE, PATH_LETTER, TEXT, VIDEO, EmbedInpu
 _ROW_KEYS = ("caption", "caption_ids", "video_grid_thw", "image_grid_thw", "mel_len", "video_patches",
              "image_patches", "mel", "fbank")
 _SLOTS = ("text", "audio", "video")
+# A sample's (and a batch's) per-row token layouts computed in the pipeline's workers (``add_row_layouts``).
+ROW_LAYOUT = "row_layout"
 
 
 def batch_rows(batch: dict) -> int:
@@ -231,15 +233,71 @@ def prefixed_caption(pre: str, pre_ids: list[int], ids: list[int], text: str | N
     return list(tokens.encode(pre + text))[:len(pre_ids) + budget]
 
 
+def _turn_rows(meta: dict, path: str, model_cfg, tokens: Tokens, ecfg: EmbedConfig) -> list[TurnLayout]:
+    """Each row's token layout on ``path`` from the per-row metadata (see ``_row_layouts``)."""
+    grids, spg, image_grids, mel_len, captions = (
+        meta.get(k) for k in ("video_grid_thw", "video_second_per_grid", "image_grid_thw", "mel_len", "captions"))
+    texts_in = meta.get("caption_text")
+    b = len(next(v for k, v in meta.items() if v is not None and k != ROW_LAYOUT))
+    start, end, texts = fixed_ids(ecfg, tokens)
+    budget, pre = caption_token_budget(ecfg), prefix(path, ecfg)
+    rows = []
+    for i in range(b):
+        media = []
+        if "I" in path:
+            media.append(Image(tuple(int(x) for x in image_grids[i])))
+        if "V" in path:
+            media.append(Video(tuple(int(x) for x in grids[i]), float(spg[i]),
+                               int(mel_len[i]) if ("A" in path and ecfg.audio_in_video) else None))
+        if "A" in path and not ("V" in path and ecfg.audio_in_video):
+            media.append(Audio(int(mel_len[i])))
+        if "T" in path:
+            text = prefixed_caption(pre, texts[path], captions[i], None if texts_in is None else texts_in[i],
+                                    tokens, budget)
+        else:
+            text = texts[path]
+        rows.append(turn(media, text, start, end, ecfg, model_cfg))
+    return rows
+
+
+def row_layouts(sample: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One pipeline sample's token ids [n] and M-RoPE positions [3, n] on each of ``paths`` that
+    its own media lay out (not I / TI: their still frame is made after batching): the per-row
+    part of a batch's layout, computed in the pipeline's worker processes (``add_row_layouts``)
+    so that ``prepare`` only pads, indexes and packs. Equal to what ``prepare`` computes itself."""
+    one = {k: ([v] if isinstance(v, str) else np.asarray(v)[None]) for k, v in sample.items()
+           if isinstance(v, (str, np.ndarray, np.generic, int, float))}
+    paths = [p for p in paths if "I" not in p]
+    meta = _layout_meta(one, paths, tokens)
+    out = {}
+    for path in paths:
+        (row,) = _turn_rows(meta, path, model_cfg, tokens, ecfg)
+        ids = np.asarray(row.input_ids, np.int32)
+        pos, _ = rope_index(ids[None], np.ones((1, len(ids)), np.int32), model_cfg, **batch_media([row]))
+        out[path] = (ids, pos[:, 0])
+    return out
+
+
+def add_row_layouts(sample: dict, *, anchor: Sequence[str], aug: Sequence[str], model_cfg, tokens: Tokens,
+                    ecfg: EmbedConfig) -> dict:
+    """``sample`` (and its augmented view) with ``row_layouts`` of the paths each view is embedded
+    on, under ``ROW_LAYOUT``: the pipeline's per-sample hook for a train step's layout."""
+    sample[ROW_LAYOUT] = row_layouts(sample, anchor, model_cfg, tokens, ecfg)
+    if aug and isinstance(sample.get("aug"), dict):
+        sample["aug"][ROW_LAYOUT] = row_layouts(sample["aug"], aug, model_cfg, tokens, ecfg)
+    return sample
+
+
 def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig,
                  capacity: dict[int, int], *, row_offset: int) -> dict[str, PathInputs]:
     """PathInputs of each path from per-row metadata: ``captions`` (token id lists, within the
     budget), ``caption_text`` (the strings, when this process has them), ``video_grid_thw``
-    [b, 3], ``video_second_per_grid`` [b], ``image_grid_thw`` [b, 3], ``mel_len`` [b]."""
-    b = len(next(v for v in meta.values() if v is not None))
-    grids, spg, image_grids, mel_len, captions = (
-        meta.get(k) for k in ("video_grid_thw", "video_second_per_grid", "image_grid_thw", "mel_len", "captions"))
-    texts_in = meta.get("caption_text")
+    [b, 3], ``video_second_per_grid`` [b], ``image_grid_thw`` [b, 3], ``mel_len`` [b], and
+    optionally ``ROW_LAYOUT`` ({path: each row's (ids, positions)}, from the pipeline's workers:
+    those paths are only padded here)."""
+    grids, image_grids, mel_len = (meta.get(k) for k in ("video_grid_thw", "image_grid_thw", "mel_len"))
+    precomputed = meta.get(ROW_LAYOUT) or {}
     n_valid = {}
     unit = model_cfg.vision.spatial_merge_size ** 2
     if grids is not None:
@@ -251,30 +309,23 @@ def _row_layouts(meta: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ec
         n_valid[AUDIO] = list(2 * n_w) if ecfg.doubled_audio else list(n_w)
     start, end, texts = fixed_ids(ecfg, tokens)
     fixed = {p: len(start) + len(end) + len(texts[p]) for p in EMBED_PATHS}
-    budget = caption_token_budget(ecfg)
     out = {}
     for path in paths:
-        rows = []
-        pre = prefix(path, ecfg)
-        for i in range(b):
-            media = []
-            if "I" in path:
-                media.append(Image(tuple(int(x) for x in image_grids[i])))
-            if "V" in path:
-                media.append(Video(tuple(int(x) for x in grids[i]), float(spg[i]),
-                                   int(mel_len[i]) if ("A" in path and ecfg.audio_in_video) else None))
-            if "A" in path and not ("V" in path and ecfg.audio_in_video):
-                media.append(Audio(int(mel_len[i])))
-            if "T" in path:
-                text = prefixed_caption(pre, texts[path], captions[i], None if texts_in is None else texts_in[i],
-                                        tokens, budget)
-            else:
-                text = texts[path]
-            rows.append(turn(media, text, start, end, ecfg, model_cfg))
         length = path_length(path, ecfg, capacity, fixed)
-        padded = pad_batch([r.input_ids for r in rows], length, tokens.pad_id, side="right",
+        if path in precomputed:
+            ids = [r[0] for r in precomputed[path]]
+            b = len(ids)
+        else:
+            rows = _turn_rows(meta, path, model_cfg, tokens, ecfg)
+            ids, b = [r.input_ids for r in rows], len(rows)
+        padded = pad_batch(ids, length, tokens.pad_id, side="right",
                            names=[f"sample {row_offset + i} ({path} path)" for i in range(b)])
-        pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
+        if path in precomputed:   # right-padded: each row's real tokens come first
+            pos = np.full((3, b, length), pad_position(model_cfg), np.int32)
+            for i, (_, p) in enumerate(precomputed[path]):
+                pos[:, i, :p.shape[1]] = p
+        else:
+            pos, _ = rope_index(padded.input_ids, padded.attention_mask, model_cfg, **batch_media(rows))
         kinds = {k: v for k, v in n_valid.items() if PATH_LETTER[k] in path}
         source, index = merge_indices(padded.input_ids, model_cfg, kinds, capacity, row_offset=row_offset)
         local = PathInputs(padded.input_ids, padded.attention_mask, np.swapaxes(pos, 0, 1), source, index,
@@ -334,6 +385,28 @@ def cut_patches(batch: dict, sizes: Sequence[int], gather=None) -> dict:
     return out
 
 
+def _layout_meta(batch: dict, paths: Sequence[str], tokens: Tokens) -> dict:
+    """The per-row metadata the token layouts of ``paths`` read (see ``_row_layouts``)."""
+    b = batch_rows(batch)
+    need_t = any("T" in p for p in paths)
+    try:
+        captions = caption_lists(batch, tokens=tokens) if need_t else None
+    except ValueError as e:
+        if "TI" not in paths:
+            raise
+        raise ValueError(f"the composed query (TI: image + text) needs its text: {e}") from None
+    meta: dict = {"captions": captions,
+                  "caption_text": list(batch["caption"]) if need_t and "caption" in batch else None}
+    if any("V" in p for p in paths):
+        meta["video_grid_thw"] = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
+        meta["video_second_per_grid"] = np.asarray(batch["video_second_per_grid"]).reshape(b)
+    if any("I" in p for p in paths):
+        meta["image_grid_thw"] = np.asarray(batch["image_grid_thw"]).reshape(b, 3)
+    if any("A" in p for p in paths):
+        meta["mel_len"] = np.asarray(batch["mel_len"], np.int32).reshape(b)
+    return meta
+
+
 def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig, *,
             row_offset: int = 0) -> EmbedInputs:
     """Host-side inputs of ``omniret_jax.model.embedder.embed_paths`` for ``paths``.
@@ -367,34 +440,22 @@ def prepare(batch: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: 
         raise KeyError("the WAVE audio path (EmbedConfig.audio_branch='whisper_beats') needs batch['fbank'] and "
                        "batch['fbank_len'] for BEATs")
     b = batch_rows(batch)
-    try:
-        captions = caption_lists(batch, tokens=tokens) if need_t else None
-    except ValueError as e:
-        if "TI" not in paths:
-            raise
-        raise ValueError(f"the composed query (TI: image + text) needs its text: {e}") from None
-    meta: dict = {"captions": captions,
-                  "caption_text": list(batch["caption"]) if need_t and "caption" in batch else None}
+    meta = _layout_meta(batch, paths, tokens)
+    meta[ROW_LAYOUT] = batch.get(ROW_LAYOUT)
 
     towers: dict = {}
     if need_v:
         patches = np.asarray(batch["video_patches"], np.float32)
-        grids = np.asarray(batch["video_grid_thw"]).reshape(b, 3)
         towers["video_patches"] = patches
-        towers["video_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
-        meta["video_grid_thw"] = grids
-        meta["video_second_per_grid"] = np.asarray(batch["video_second_per_grid"]).reshape(b)
+        towers["video_layout"] = vision_layout([[tuple(g)] for g in meta["video_grid_thw"]], patches.shape[1],
+                                               model_cfg.vision)
     if need_i:
         patches = np.asarray(batch["image_patches"], np.float32)
-        grids = np.asarray(batch["image_grid_thw"]).reshape(b, 3)
         towers["image_patches"] = patches
-        towers["image_layout"] = vision_layout([[tuple(g)] for g in grids], patches.shape[1], model_cfg.vision)
-        meta["image_grid_thw"] = grids
+        towers["image_layout"] = vision_layout([[tuple(g)] for g in meta["image_grid_thw"]], patches.shape[1],
+                                               model_cfg.vision)
     if need_a:
-        mel = np.asarray(batch["mel"], np.float32)
-        mel_lens = np.asarray(batch["mel_len"], np.int32).reshape(b)
-        towers["mel"], towers["mel_lens"] = mel, mel_lens
-        meta["mel_len"] = mel_lens
+        towers["mel"], towers["mel_lens"] = np.asarray(batch["mel"], np.float32), meta["mel_len"]
         if ecfg.doubled_audio:
             fbank = np.asarray(batch["fbank"], np.float32)
             t_b = fbank.shape[1] // 16 * 16          # BEATs drops a partial last patch

@@ -468,6 +468,11 @@ class _RowWalker:
         return end + 2, eos + 1
 
 
+def pad_position(cfg: BackboneConfig) -> int:
+    """The M-RoPE position transformers gives padded slots: 0 in Qwen2.5-VL, 1 in the Omni thinker."""
+    return 0 if cfg.family == "qwen2_5_vl" else 1
+
+
 def rope_index(input_ids, attention_mask, cfg: BackboneConfig, *, image_grid_thw=None, video_grid_thw=None,
                audio_feature_lens=None, second_per_grid=None, use_audio_in_video: bool = False,
                wave_doubled_audio: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -509,7 +514,7 @@ def rope_index(input_ids, attention_mask, cfg: BackboneConfig, *, image_grid_thw
     }
     walker = _RowWalker(cfg, queues, use_audio_in_video, wave_doubled_audio)
     batch, _ = ids.shape
-    pos = np.full((3,) + ids.shape, 0 if walker.vl else 1, np.int64)
+    pos = np.full((3,) + ids.shape, pad_position(cfg), np.int64)
     deltas = np.zeros(batch, np.int64)
     for b in range(batch):
         n = int(real[b].sum())

@@ -432,10 +432,11 @@ class _LoadSlot(grain.transforms.Map):
     """
 
     def __init__(self, records: Sequence[ManifestRecord], config: PipelineConfig, tokens: Tokens | None,
-                 rows: tuple[int, int]):
+                 rows: tuple[int, int], layout=None):
         self.records = list(records)
         self.config = config
         self.load = LoadSample(config, tokens)
+        self.layout = layout
         self.start, self.rows = rows[0], rows[1] - rows[0]
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -467,7 +468,7 @@ class _LoadSlot(grain.transforms.Map):
                 sample[TRIES] = tries
                 if c.text_negative == "dataset":
                     self._text_negative(sample, s, index)
-                return sample
+                return sample if self.layout is None else self.layout(sample)
             tries.append((sample[SKIP], record.id))
         if c.on_bad_sample == "drop":
             return {SKIP: tries[-1][0], "id": tries[-1][1], TRIES: tries[:-1]}
@@ -552,13 +553,14 @@ class _AccountingIterator(grain.DatasetIterator):
 
 
 def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks arrays along a new batch axis; strings become lists (tokenised elsewhere)."""
+    """Stacks arrays along a new batch axis; strings and tuples (per-row token layouts of
+    differing lengths) become lists."""
     out = {}
     for key, first in samples[0].items():
         values = [s[key] for s in samples]
         if isinstance(first, dict):
             out[key] = _collate(values)
-        elif isinstance(first, str):
+        elif isinstance(first, (str, tuple)):
             out[key] = values
         else:
             out[key] = np.stack(values)
@@ -620,12 +622,14 @@ class DataPipeline:
     ``rows=(start, stop)`` is this process's part of every global batch of ``batch_size``
     rows; ``process_index``/``process_count`` give equal contiguous parts (default: this JAX
     process of all). A manifest path is read with ``config.on_bad_record``; its bad lines
-    are in the summary as ``manifest/<code>``.
+    are in the summary as ``manifest/<code>``. ``layout``: a picklable function applied to
+    every loaded sample in the worker (the trainer's ``batch.add_row_layouts``: the per-row token
+    layouts, off the training process).
     """
 
     def __init__(self, records: Sequence[ManifestRecord] | str | os.PathLike,
                  config: PipelineConfig, *, tokens: Tokens | None = None, rows: tuple[int, int] | None = None,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None, layout=None):
         self._bad: list[BadRecord] = []
         if isinstance(records, (str, os.PathLike)):
             manifest = load_manifest(records, on_bad_record=config.on_bad_record)
@@ -656,7 +660,7 @@ class DataPipeline:
         if length == 0:
             raise ValueError(f"{len(records)} records x {c.num_epochs} epoch(s) do not fill one global batch "
                              f"of {c.batch_size}")
-        ds = grain.MapDataset.source(range(length)).map(_LoadSlot(records, c, tokens, self.rows))
+        ds = grain.MapDataset.source(range(length)).map(_LoadSlot(records, c, tokens, self.rows, layout))
         # No reader threads: each process decodes one sample at a time on its main thread,
         # which is where the SIGALRM sample timer can fire.
         stream = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
