@@ -440,14 +440,15 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
 
     budget = caption_token_budget(ecfg)
     pcfg = pipeline_config(c, augment=bool(plan.aug), caption_tokens=budget)
+    # The per-row token layouts of the step's views run in the data workers (with
+    # data.num_workers > 0), not in this process; the hard-negative tuple's stays here.
+    layout = lambda views: functools.partial(add_row_layouts, anchor=views.anchor, aug=views.aug,  # noqa: E731
+                                             model_cfg=state.cfg, tokens=tokens, ecfg=ecfg)
     if tasks is None:
-        # The per-row token layouts of the step's views run in the data workers (with
-        # data.num_workers > 0), not in this process; the hard-negative tuple's stays here.
-        layout = functools.partial(add_row_layouts, anchor=plan.anchor, aug=plan.aug, model_cfg=state.cfg,
-                                   tokens=tokens, ecfg=ecfg)
-        pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows, layout=layout)
+        pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows, layout=layout(plan))
     else:
-        pipeline = cur.TaskPipelines(tasks.by_task, pcfg, tokens=tokens, rows=rows, bad=tasks.bad)
+        pipeline = cur.TaskPipelines(tasks.by_task, pcfg, tokens=tokens, rows=rows, bad=tasks.bad,
+                                     layouts={t: layout(needed_views(loss)) for t, loss in tasks.losses.items()})
         tasks.prober = Prober(state, c, mesh, tasks.schedule.tasks, tasks.subsets, wrt=wrt, base=base is not None,
                               progress=jax.process_index() == 0)
     if jax.process_index() == 0:

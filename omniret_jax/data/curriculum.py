@@ -365,12 +365,14 @@ class TaskPipelines:
     state and one bad-input summary, as the trainer uses a single pipeline."""
 
     def __init__(self, by_task: Mapping[str, Sequence[ManifestRecord]], config: PipelineConfig, *, tokens=None,
-                 rows: tuple[int, int] | None = None, bad: Sequence[BadRecord] = ()):
+                 rows: tuple[int, int] | None = None, bad: Sequence[BadRecord] = (), layouts=None):
+        """``layouts``: {task: its pipeline's per-sample ``layout`` hook} (``DataPipeline``)."""
         self._bad = list(bad)
         self.pipelines: dict[str, DataPipeline] = {}
         try:
             for name, rs in by_task.items():
-                self.pipelines[name] = DataPipeline(list(rs), config, tokens=tokens, rows=rows)
+                self.pipelines[name] = DataPipeline(list(rs), config, tokens=tokens, rows=rows,
+                                                    layout=(layouts or {}).get(name))
         except BaseException:
             self.close()
             raise
