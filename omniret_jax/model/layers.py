@@ -188,9 +188,9 @@ class Stacked(nnx.Module):
         return [member(i) for i in range(self.n)]
 
     def scan(self, fn, carry, *, policy=None, remat: bool = False):
-        """``carry = fn(module_i, carry)`` for i in order; returns (carry, ys) where ys stacks what
-        ``fn`` returns beside the carry. ``remat``: recompute each step in the backward pass,
-        keeping what ``policy`` saves (a ``jax.checkpoint`` policy; None keeps only the carry)."""
+        """``carry, y_i = fn(module_i, carry)`` for i in order; returns (carry, ys), ys the y_i
+        stacked. ``remat``: recompute each step in the backward pass, keeping what ``policy``
+        saves (a ``jax.checkpoint`` policy; None keeps only the carry)."""
         graphdef, state = nnx.split(self.module)
 
         def body(c, member_state):
