@@ -12,6 +12,7 @@ unrolled layers compute.
 - The factory's per-layer view (``ModelState.model()``, what exports read) equals the unscanned
   model bitwise; stacked parameters shard with a leading replicated layer axis; layers that
   differ (adapters on some only) are refused.
+In the slow set: remat full, and the factory's per-layer view and sharding test.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _config(layers: int | None = None, scan: bool = False):
     return c
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
 def test_scanned_decoder_equals_unrolled(remat):
     c = _config(layers=12)
     model = build.attach_lora(build.random_model(c), c, train=True)
@@ -156,6 +157,7 @@ def test_scanned_train_step_equals_unrolled_and_checkpoints(tmp_path):
     build.check_layer_layout(back.config, c, "checkpoint x")
 
 
+@pytest.mark.slow  # ~35 s: two random-init builds on a mesh; the train-step test covers the factory's stacking
 def test_factory_unstacks_for_export_and_shards_the_layer_axis():
     mesh = sharding.make_mesh(sharding.MeshConfig(1, 2, 2), jax.devices()[:4])
     states = {scan: build.build_state(_config(scan=scan), mesh) for scan in (False, True)}
