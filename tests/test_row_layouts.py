@@ -4,7 +4,9 @@ pipeline hook) give exactly the train step's inputs that ``build_inputs`` lays o
 WAVE tiny (full preset: anchor T / V / A / AV / TVA, augmented view, hard negative) on synthetic
 clips of 3 s at 48 px and of 2 s at 80 px, and GVE tiny (Qwen2.5-VL: padded positions are 0, not
 1), the pipeline's batches with and without the hook, and with the hook in 2 grain worker
-processes: every array of the step's inputs bitwise equal. A sample without a key a path needs is
+processes: every array of the step's inputs bitwise equal. The same on hand-made rows unlike the
+corpus (64x48, 32x1024 and 1920x1080 grids, 1 to 40 caption tokens, 3 to 799 mel frames) for both
+families. A sample without a key a path needs is
 refused naming it; image paths (their still frame is made after batching) stay with the main process.
 """
 
@@ -98,3 +100,34 @@ def test_worker_layout_names_a_missing_key_and_leaves_image_paths_to_the_main_pr
     assert sorted(out) == ["T", "TVA", "V"]          # TI's still frame is made after batching
     ids, pos = out["TVA"]
     assert ids.dtype == np.int32 and pos.shape == (3, len(ids))
+
+
+@pytest.mark.parametrize("config", ["tiny.py:full", "gve_tiny.py"])
+def test_worker_layouts_equal_on_non_square_grids_and_uneven_rows(config):
+    """Grids of clips unlike the synthetic corpus (64x48, 32x1024 sliver, 1920x1080 at two
+    temporal sizes), captions of 1 to 40 tokens and audio of 4 different lengths (3 mel frames: one token): the per-sample
+    layouts padded into the batch equal the batch's own layout."""
+    from omniret_jax.data import batch as B
+    c = build.load_config(f"{ROOT}/configs/{config}")
+    _, _, _, model_cfg = build.abstract_state(c)
+    tokens, ecfg = build.tokens_for(c), build.embed_config(c)
+    grids = np.array([[4, 14, 20], [4, 92, 4], [2, 12, 20], [4, 12, 20]])
+    mel = np.array([400, 123, 799, 3]) if model_cfg.audio is not None else None
+    captions = ["a", "a slow grey sliver of a clip that is very tall and narrow indeed", "x y", "z" * 40]
+    paths = [p for p in ("T", "V", "A", "AV", "TVA") if model_cfg.audio is not None or "A" not in p]
+    samples = [{"caption": t, "video_grid_thw": g, "video_second_per_grid": np.float32(0.5 + i)}
+               | ({} if mel is None else {"mel_len": np.int32(mel[i])}) for i, (t, g) in enumerate(zip(captions, grids))]
+    batch = {"caption": captions, "video_grid_thw": grids, "video_second_per_grid": np.float32([0.5, 1.5, 2.5, 3.5])}
+    shaped = {"video_patches": np.zeros((4, int(grids.prod(1).max()), 1))}
+    if mel is not None:
+        batch["mel_len"] = mel.astype(np.int32)
+        shaped["mel"] = np.zeros((4, 1, 800))
+    capacity = B._capacity(shaped, model_cfg, ecfg)
+    meta = B._layout_meta(batch, paths, tokens)
+    plain = B._row_layouts(meta, paths, model_cfg, tokens, ecfg, capacity, row_offset=0)
+    rows = [B.row_layouts(s, paths, model_cfg, tokens, ecfg) for s in samples]
+    meta[ROW_LAYOUT] = {p: [r[p] for r in rows] for p in paths}
+    hooked = B._row_layouts(meta, paths, model_cfg, tokens, ecfg, capacity, row_offset=0)
+    for p in paths:
+        _assert_equal(plain[p], hooked[p])
+    assert len({len(r[paths[-1]][0]) for r in rows}) == 4      # four different row lengths
