@@ -6,8 +6,9 @@ clips of 3 s at 48 px and of 2 s at 80 px, and GVE tiny (Qwen2.5-VL: padded posi
 1), the pipeline's batches with and without the hook, and with the hook in 2 grain worker
 processes: every array of the step's inputs bitwise equal. The same on hand-made rows unlike the
 corpus (64x48, 32x1024 and 1920x1080 grids, 1 to 40 caption tokens, 3 to 799 mel frames) for both
-families. A sample without a key a path needs is
-refused naming it; image paths (their still frame is made after batching) stay with the main process.
+families, the image paths included. GVE's image and composed queries (I, TI: the clip's still
+frame, made after batching) through the pipeline, as its i2v / ti2v tasks train. A sample without
+a key a path needs is refused naming it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 
 from omniret_jax import build
 from omniret_jax import train as trainer
-from omniret_jax.data.batch import ROW_LAYOUT, add_row_layouts, build_inputs, caption_token_budget, cut_patches
+from omniret_jax.data.batch import (ROW_LAYOUT, add_row_layouts, build_inputs, caption_token_budget, cut_patches,
+                                    still_frames, still_grids)
 from omniret_jax.data.pipeline import DataPipeline
 from omniret_jax.data.synth import SynthSettings, generate
 from omniret_jax.losses import needed_views
@@ -29,9 +31,10 @@ from omniret_jax.losses import needed_views
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _inputs(c, manifest: Path, *, layout: bool, workers: int = 0, batches: int = 2):
+def _inputs(c, manifest: Path, *, layout: bool, workers: int = 0, batches: int = 2, plan=None):
     _, _, _, model_cfg = build.abstract_state(c)
-    tokens, ecfg, plan = build.tokens_for(c), build.embed_config(c), needed_views(build.loss_config(c))
+    tokens, ecfg = build.tokens_for(c), build.embed_config(c)
+    plan = plan or needed_views(build.loss_config(c))
     c.data.num_workers = workers
     pcfg = trainer.pipeline_config(c, augment=bool(plan.aug), caption_tokens=caption_token_budget(ecfg))
     hook = functools.partial(add_row_layouts, anchor=plan.anchor, aug=plan.aug, model_cfg=model_cfg, tokens=tokens,
@@ -41,6 +44,8 @@ def _inputs(c, manifest: Path, *, layout: bool, workers: int = 0, batches: int =
         for step in range(batches):
             batch = cut_patches(next(pipe), pcfg.patch_bucket_sizes)
             assert (ROW_LAYOUT in batch) == layout
+            if any("I" in p for p in plan.anchor):       # as the trainer does for an image query
+                batch = still_frames(batch, model_cfg.vision)
             out.append(build_inputs(batch, step, model_cfg, tokens, ecfg, plan, seed=c.train.seed))
     return out
 
@@ -86,7 +91,22 @@ def test_worker_layouts_in_worker_processes_and_on_qwen_vl(corpora):
     assert pads.size and (pads == 0).all()              # Qwen2.5-VL pads positions with 0
 
 
-def test_worker_layout_names_a_missing_key_and_leaves_image_paths_to_the_main_process():
+def test_worker_layouts_of_image_and_composed_queries(corpora):
+    """GVE's i2v and ti2v plans (anchor I + V, TI + V): the still frame's grid is the clip's."""
+    import dataclasses
+    g = build.load_config(f"{ROOT}/configs/gve_tiny.py", {"train.batch_size": 4})
+    lcfg = build.loss_config(g)
+    for query in ("I", "TI"):
+        plan = needed_views(dataclasses.replace(lcfg, pairs=((query, "V"),)))
+        assert query in plan.anchor
+        plain = _inputs(g, corpora["80px_2s"], layout=False, plan=plan)
+        hooked = _inputs(g, corpora["80px_2s"], layout=True, plan=plan)
+        for a, b in zip(plain, hooked):
+            _assert_equal(a, b)
+        assert hooked[0].anchor.paths[query].input_ids.shape[0] == 4
+
+
+def test_worker_layout_names_a_missing_key():
     c = build.load_config(f"{ROOT}/configs/tiny.py:full")
     _, _, _, model_cfg = build.abstract_state(c)
     tokens, ecfg = build.tokens_for(c), build.embed_config(c)
@@ -97,7 +117,7 @@ def test_worker_layout_names_a_missing_key_and_leaves_image_paths_to_the_main_pr
                         model_cfg=model_cfg, tokens=tokens, ecfg=ecfg)
     out = add_row_layouts(dict(sample), anchor=("T", "V", "TI", "TVA"), aug=(), model_cfg=model_cfg, tokens=tokens,
                           ecfg=ecfg)[ROW_LAYOUT]
-    assert sorted(out) == ["T", "TVA", "V"]          # TI's still frame is made after batching
+    assert sorted(out) == ["T", "TI", "TVA", "V"]    # TI: the still frame's grid is the clip's
     ids, pos = out["TVA"]
     assert ids.dtype == np.int32 and pos.shape == (3, len(ids))
 
@@ -114,11 +134,13 @@ def test_worker_layouts_equal_on_non_square_grids_and_uneven_rows(config):
     grids = np.array([[4, 14, 20], [4, 92, 4], [2, 12, 20], [4, 12, 20]])
     mel = np.array([400, 123, 799, 3]) if model_cfg.audio is not None else None
     captions = ["a", "a slow grey sliver of a clip that is very tall and narrow indeed", "x y", "z" * 40]
-    paths = [p for p in ("T", "V", "A", "AV", "TVA") if model_cfg.audio is not None or "A" not in p]
+    paths = [p for p in ("T", "V", "I", "TI", "A", "AV", "TVA") if model_cfg.audio is not None or "A" not in p]
     samples = [{"caption": t, "video_grid_thw": g, "video_second_per_grid": np.float32(0.5 + i)}
                | ({} if mel is None else {"mel_len": np.int32(mel[i])}) for i, (t, g) in enumerate(zip(captions, grids))]
     batch = {"caption": captions, "video_grid_thw": grids, "video_second_per_grid": np.float32([0.5, 1.5, 2.5, 3.5])}
-    shaped = {"video_patches": np.zeros((4, int(grids.prod(1).max()), 1))}
+    batch["image_grid_thw"] = still_grids(grids)
+    shaped = {"video_patches": np.zeros((4, int(grids.prod(1).max()), 1)),
+              "image_patches": np.zeros((4, int(grids[:, 1:].prod(1).max()), 1))}
     if mel is not None:
         batch["mel_len"] = mel.astype(np.int32)
         shaped["mel"] = np.zeros((4, 1, 800))

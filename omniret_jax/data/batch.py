@@ -262,13 +262,15 @@ def _turn_rows(meta: dict, path: str, model_cfg, tokens: Tokens, ecfg: EmbedConf
 
 def row_layouts(sample: dict, paths: Sequence[str], model_cfg, tokens: Tokens, ecfg: EmbedConfig
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """One pipeline sample's token ids [n] and M-RoPE positions [3, n] on each of ``paths`` that
-    its own media lay out (not I / TI: their still frame is made after batching): the per-row
-    part of a batch's layout, computed in the pipeline's worker processes (``add_row_layouts``)
-    so that ``prepare`` only pads, indexes and packs. Equal to what ``prepare`` computes itself."""
+    """One pipeline sample's token ids [n] and M-RoPE positions [3, n] on each of ``paths``: the
+    per-row part of a batch's layout, computed in the pipeline's worker processes
+    (``add_row_layouts``) so that ``prepare`` only pads, indexes and packs. Equal to what
+    ``prepare`` computes itself. The I / TI paths lay out the still frame ``still_frames`` makes
+    of the clip after batching (its grid is known here) unless the sample holds its own image."""
     one = {k: ([v] if isinstance(v, str) else np.asarray(v)[None]) for k, v in sample.items()
            if isinstance(v, (str, np.ndarray, np.generic, int, float))}
-    paths = [p for p in paths if "I" not in p]
+    if any("I" in p for p in paths) and "image_grid_thw" not in one:
+        one["image_grid_thw"] = still_grids(one["video_grid_thw"])
     meta = _layout_meta(one, paths, tokens)
     out = {}
     for path in paths:
@@ -480,8 +482,13 @@ def still_frames(batch: dict, vision: VisionConfig) -> dict:
     image = np.broadcast_to(first, first.shape[:3] + (tp, first.shape[-1])).reshape(len(grids), max(n), -1).copy()
     for i, k in enumerate(n):
         image[i, k:] = 0
-    return dict(batch, image_patches=image, image_grid_thw=np.column_stack([np.ones(len(grids), np.int64),
-                                                                            grids[:, 1:]]))
+    return dict(batch, image_patches=image, image_grid_thw=still_grids(grids))
+
+
+def still_grids(video_grid_thw) -> np.ndarray:
+    """The [b, 3] grids of ``still_frames``' images: one temporal patch at each video's size."""
+    grids = np.asarray(video_grid_thw).reshape(-1, 3)
+    return np.column_stack([np.ones(len(grids), np.int64), grids[:, 1:]])
 
 
 # ----------------------------------------------------------------------------- train step
