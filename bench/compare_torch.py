@@ -7,7 +7,11 @@ is our median step time over the PyTorch median step time, per round and over al
 (< 1 means we are faster). ``--embed`` adds the inference comparison (clips/s of the AV and T
 eval paths, ``bench/embed_throughput.py`` vs ``torch_reference_step.py --embed``).
 
-Both sides get the whole machine for their turn; run it on an otherwise idle machine.
+Both sides get the whole machine for their turn; run it on an otherwise idle machine. Both run
+on the same malloc (``--malloc``: tcmalloc when it is installed, else glibc's; each side's JSON
+says which it got). The allocator matters on CPU: XLA allocates each step's temporaries as one
+block that glibc maps afresh every step, and the page faults cost us about a quarter of the
+small step; PyTorch's many smaller tensors are reused from glibc's heap and gain little.
 The last line of output is one JSON object with every run's numbers.
 
 COMMAND: python bench/compare_torch.py --config configs/bench.py:tiny --rounds 3
@@ -26,10 +30,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import tcmalloc_preload  # noqa: E402
 
 
-def _run(cmd: list[str], timeout: float) -> dict:
+def _run(cmd: list[str], timeout: float, preload: str | None) -> dict:
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if preload:
+        env["LD_PRELOAD"] = " ".join(x for x in (preload, env.get("LD_PRELOAD")) if x)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
@@ -50,7 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--embed", action="store_true", help="also compare the eval embedding (AV and T paths)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    p.add_argument("--malloc", choices=("auto", "tcmalloc", "system"), default="auto",
+                   help="the allocator both sides run on: auto = tcmalloc when installed, else glibc's")
     args = p.parse_args(argv)
+    preload = None if args.malloc == "system" else tcmalloc_preload(required=args.malloc == "tcmalloc")
+    print(f"both sides run on {'tcmalloc (' + preload + ')' if preload else 'glibc malloc'}", file=sys.stderr)
 
     py = sys.executable
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -65,7 +78,7 @@ def main(argv=None) -> int:
         if r % 2:
             order.reverse()
         for name, cmd in order:
-            res = _run(cmd, args.timeout)
+            res = _run(cmd, args.timeout, preload)
             runs[name].append(res)
             if "median_s" in res:
                 print(f"round {r} {name}: median step {1000 * res['median_s']:.1f} ms", file=sys.stderr)
@@ -75,6 +88,7 @@ def main(argv=None) -> int:
 
     ratios = [j["median_s"] / t["median_s"] for j, t in zip(runs["jax"], runs["torch"])]
     summary = {"config": args.config, "rounds": args.rounds, "steps": args.steps,
+               "malloc": sorted({r.get("malloc", "?") for rs in runs.values() for r in rs}),
                "jax_median_s": statistics.median(r["median_s"] for r in runs["jax"]),
                "torch_median_s": statistics.median(r["median_s"] for r in runs["torch"]),
                "ratio_per_round": ratios, "ratio": statistics.median(ratios)}

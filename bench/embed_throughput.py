@@ -25,6 +25,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import allocator  # noqa: E402
 from omniret_jax import build, sharding  # noqa: E402
 from omniret_jax.data.batch import prepare  # noqa: E402
 from omniret_jax.data.random_batch import random_batch  # noqa: E402
@@ -51,7 +52,7 @@ def run(c) -> dict:
         return embed_paths(nnx.merge(state.graphdef, trainable, frozen), inputs, ecfg)
 
     out = {"side": "jax", "mode": "embed", "widths": c.get("bench", {}).get("widths", None), "batch": b,
-           "steps": _STEPS.value}
+           "steps": _STEPS.value, "malloc": allocator()}
     for path in _PATHS.value:
         inputs = sharding.shard_batch(prepare(batch, (path,), state.cfg, state.tokens, ecfg), mesh)
         times = []

@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import torch_wave as W  # noqa: E402
+from bench.report import allocator  # noqa: E402
 from omniret_jax.data.random_batch import random_batch  # noqa: E402
 
 PASSES = ("T", "V", "A", "TVA", "TVA_aug", "TVA_neg")
@@ -353,7 +354,8 @@ def main(argv=None) -> int:
     collator = W.Collator(wave, c, device)
     batch = random_batch(c, b, seed=args.seed, augment=True, caption_tokens=c.bench.caption_tokens, bucketed=True)
     common = dict(side="torch", widths=c.bench.widths, batch=b, device=str(device),
-                  dtype=str(frozen_dtype).replace("torch.", ""), threads=torch.get_num_threads(), warmup=args.warmup)
+                  dtype=str(frozen_dtype).replace("torch.", ""), threads=torch.get_num_threads(), warmup=args.warmup,
+                  malloc=allocator())
 
     if args.embed:
         result = run_embed(wave, collator, batch, args, device)

@@ -67,7 +67,7 @@ from omniret_jax.data.random_batch import random_batch  # noqa: E402
 from omniret_jax.losses import needed_views  # noqa: E402
 from omniret_jax.model.lora import trainable_filter  # noqa: E402
 from omniret_jax.step import StepConfig, train_step  # noqa: E402
-from bench.report import emit  # noqa: E402
+from bench.report import allocator, emit  # noqa: E402
 
 GiB = 2**30
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, per device
@@ -254,7 +254,8 @@ def run(c) -> dict:
                   devices=n_dev, device_kind=dev.device_kind, mesh=dict(mesh.shape), remat=c.model.remat,
                   params=groups, tflop_per_step_real=flops["real"] / 1e12,
                   tflop_per_step_padded=flops["padded"] / 1e12, padding_ratio=flops["padded"] / flops["real"],
-                  passes=flops["passes"], weights_gib=weights / GiB, adam_gib=adam / GiB, device_gib=have / GiB)
+                  passes=flops["passes"], weights_gib=weights / GiB, adam_gib=adam / GiB, device_gib=have / GiB,
+                  malloc=allocator())
     short = weights + adam > 0.9 * have
     if _ABSTRACT.value:
         print(f"a real run {'would stop here: too little memory' if short else 'passes the memory check'}")

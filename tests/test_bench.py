@@ -3,6 +3,7 @@
 - bench/data_pipeline.py: per-stage timing, then the grain pipeline with 0 (decoding in the
   process) and 2 workers; exits cleanly and writes its JSON.
 - bench/soak.py (slow): a short soak with 0 and 2 workers reports RSS, worker RSS and live arrays.
+- bench/report.py: the allocator a process runs on is named; a missing tcmalloc is a clear error.
 """
 
 from __future__ import annotations
@@ -54,3 +55,23 @@ def test_soak_bench(tmp_path, workers):
     assert result["live_arrays"]["8"] == result["live_arrays"]["12"]
     assert result["compiles"]["8"] == result["compiles"]["12"]
     print(result)
+
+
+def test_allocator_is_named_and_a_missing_tcmalloc_is_a_clear_error(monkeypatch):
+    """Each bench's JSON names the malloc it ran on (step times on CPU depend on it), and
+    compare_torch's ``--malloc tcmalloc`` without the library says which package to install."""
+    sys.path.insert(0, str(REPO))
+    from bench import report
+    probe = [sys.executable, "-c", "from bench.report import allocator; print(allocator())"]
+    plain = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    assert plain.stdout.strip() == "glibc", plain.stderr
+    lib = report.tcmalloc_preload(required=False)
+    if lib is not None:     # installed here: a process started on it says so
+        pre = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, LD_PRELOAD=lib))
+        assert pre.stdout.strip() == "tcmalloc", pre.stderr
+    monkeypatch.setattr(report.ctypes.util, "find_library", lambda name: None)
+    assert report.tcmalloc_preload(required=False) is None
+    with pytest.raises(SystemExit, match="libtcmalloc-minimal4"):
+        report.tcmalloc_preload(required=True)
