@@ -175,14 +175,18 @@ def gve(c: ml_collections.ConfigDict, instruction: str = QWEN_DEFAULT_INSTRUCTIO
     return c
 
 
-def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid") -> ml_collections.ConfigDict:
+def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid", text_video: bool = False
+                   ) -> ml_collections.ConfigDict:
     """Train GVE ``c`` with the Modality Pyramid curriculum (``omniret_jax.data.curriculum``), in
     place; returns ``c``. The task table of the synthetic multi-task corpus (``data.synth_tasks``:
     text -> video and still frame -> video on the pyramid's base, the composed still frame + text ->
     video above, resting on the image grounding whose still frame it shares; the tiny model's
     t2v margin stays below 0 for 120 updates, measured, so requiring it would keep ti2v locked); a
     real multi-task manifest brings its own table (config.curriculum.tasks).
-    ``schedule``: "pyramid" or "uniform" (every task unlocked, equal weights: the ablation)."""
+    ``schedule``: "pyramid" or "uniform" (every task unlocked, equal weights: the ablation).
+    ``text_video`` adds the composed text + video -> video task (tv2v: the composed text over a
+    reference clip of the same shape and colour moving another way), beside ti2v on the image
+    grounding: the reference clip carries what the still frame carries."""
     if schedule not in CURRICULUM_SCHEDULES:
         raise ValueError(f"curriculum schedule {schedule!r}: expected one of {CURRICULUM_SCHEDULES}")
     c.curriculum = ml_collections.ConfigDict(dict(
@@ -199,4 +203,7 @@ def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid") -> m
         )),
     ))
     c.data.synth_tasks = ("t2v", "i2v", "ti2v")
+    if text_video:
+        c.curriculum.tasks.tv2v = dict(kind="tv2v", level=1, prerequisites=("i2v",), ability="fine-grained")
+        c.data.synth_tasks += ("tv2v",)
     return c

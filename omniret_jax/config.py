@@ -571,7 +571,9 @@ class MediaPolicy:
 @dataclasses.dataclass(frozen=True)
 class ViewPlan:
     """Which embeddings a train step computes: paths of the anchor view, paths of the augmented
-    view, and whether the hard-negative tuple (a TVA pass) is needed (``losses.needed_views``)."""
+    view, whether the hard-negative tuple (a TVA pass) is needed, and paths of the records'
+    reference clips (``query``: a text + video query) (``losses.needed_views``)."""
     anchor: tuple[str, ...]
     aug: tuple[str, ...] = ()
     negative: bool = False
+    query: tuple[str, ...] = ()

@@ -103,7 +103,8 @@ class EmbedInputs:
 @_pytree
 @dataclasses.dataclass(frozen=True)
 class TrainInputs:
-    """One train step: the anchor view, the augmented view, the hard-negative tuple.
+    """One train step: the anchor view, the augmented view, the hard-negative tuple, and the
+    view of each record's reference clip when a text + video query embeds it (``query``).
 
     The tuple's TVA pass either reuses the anchor's tower outputs, rows permuted by
     ``neg_rows`` (``neg``: its token layout only), or runs the towers on its own swapped media
@@ -115,3 +116,4 @@ class TrainInputs:
     neg: PathInputs | None = None             # TVA layout of the hard-negative tuple
     neg_rows: Int[Arr, "b 3"] | None = None   # text / video / audio source row of each negative
     neg_view: EmbedInputs | None = None       # the tuple as a view of its own (paths {"TVA"})
+    query: EmbedInputs | None = None          # each record's reference clip (a text + video query: tv2v)

@@ -64,6 +64,9 @@ class LossConfig:
     pairs: the embedding-path pairs of the paper recipe's L_A, e.g. (("T", "V"),) for GVE's one
       text-video InfoNCE, (("TI", "V"),) for a composed-query task of the curriculum; None = the
       paper's (T, V), (T, A), (V, A).
+    query_paths: paths of ``pairs`` embedded on each record's reference clip (its ``query_video``)
+      instead of its own clip: ("TV",) for a text + video -> video task (tv2v), whose query is
+      the record's text over the reference clip and whose document is the record's clip.
     """
 
     recipe: str = "paper"
@@ -76,6 +79,7 @@ class LossConfig:
     hard_negative_pool: str | None = None
     rotation: str | None = None
     pairs: tuple[tuple[str, str], ...] | None = None
+    query_paths: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -106,6 +110,13 @@ class LossConfig:
                 raise ValueError(f"pairs={self.pairs!r}: expected pairs of distinct embedding paths out of "
                                  f"{EMBED_PATHS}, with recipe 'paper' (got {self.recipe!r})")
             object.__setattr__(self, "pairs", pairs)
+        query = tuple(self.query_paths)
+        if query and (self.pairs is None or not set(query) <= {m for p in self.pairs for m in p}
+                      or self.terms != ("L_A",) or any("V" not in m for m in query)):
+            raise ValueError(f"query_paths={query!r}: expected video paths of explicit pairs ({self.pairs!r}) "
+                             f"under L_A alone (terms {self.terms!r}): the reference clip has no augmented "
+                             "view, no audio and no hard-negative tuple")
+        object.__setattr__(self, "query_paths", query)
 
     @property
     def pair_list(self) -> tuple[tuple[str, str], ...]:
@@ -153,7 +164,8 @@ def needed_views(cfg: LossConfig) -> ViewPlan:
         else:
             anchor += ["T", "V", "A"]
             aug = ("T", "V", "A")
-    return ViewPlan(tuple(dict.fromkeys(anchor)), aug, "L_T" in cfg.terms)
+    anchor = [m for m in anchor if m not in cfg.query_paths]
+    return ViewPlan(tuple(dict.fromkeys(anchor)), aug, "L_T" in cfg.terms, cfg.query_paths)
 
 
 def released_pair(step) -> tuple[str, str]:

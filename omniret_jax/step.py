@@ -38,6 +38,9 @@ def embeddings(model, inputs: TrainInputs, ecfg: EmbedConfig, *, negatives: bool
     if inputs.aug is not None:
         aug_media = encode_media(model, inputs.aug)
         emb.update({p + "_aug": embed_path(model, p, pi, aug_media, ecfg) for p, pi in inputs.aug.paths.items()})
+    if inputs.query is not None:   # a text + video query's own clip: its paths under their names
+        query_media = encode_media(model, inputs.query)
+        emb.update({p: embed_path(model, p, pi, query_media, ecfg) for p, pi in inputs.query.paths.items()})
     if not negatives:
         return emb
     if inputs.neg_view is not None:

@@ -374,7 +374,9 @@ class Curriculum:
         by_task = cur.split_by_task(m.records, table, batch)
         every = cur.probe_period(ccfg, by_task, batch, int(c.optim.accumulate))
         schedule = cur.Schedule(table, ccfg, seed=int(c.train.seed), total=int(c.train.steps), every=every)
-        losses = {t: dataclasses.replace(lcfg, pairs=((k.spec.query, k.spec.document),)) for t, k in table.items()}
+        losses = {t: dataclasses.replace(lcfg, pairs=((k.spec.query, k.spec.document),),
+                                         query_paths=(k.spec.query,) if k.spec.query_clip else ())
+                  for t, k in table.items()}
         return cls(schedule, by_task, m.bad, losses, cur.probe_subsets(by_task, ccfg.probe_size, int(c.train.seed)))
 
     def probe(self, updates: int, trainable, writer: MetricsWriter) -> None:
@@ -443,12 +445,13 @@ def train(c, workdir: Path, *, on_update=None) -> dict[str, float]:
     # The per-row token layouts of the step's views run in the data workers (with
     # data.num_workers > 0), not in this process; the hard-negative tuple's stays here.
     layout = lambda views: functools.partial(add_row_layouts, anchor=views.anchor, aug=views.aug,  # noqa: E731
-                                             model_cfg=state.cfg, tokens=tokens, ecfg=ecfg)
+                                             query=views.query, model_cfg=state.cfg, tokens=tokens, ecfg=ecfg)
     if tasks is None:
         pipeline = DataPipeline(str(manifest_path(c, workdir)), pcfg, tokens=tokens, rows=rows, layout=layout(plan))
     else:
         pipeline = cur.TaskPipelines(tasks.by_task, pcfg, tokens=tokens, rows=rows, bad=tasks.bad,
-                                     layouts={t: layout(needed_views(loss)) for t, loss in tasks.losses.items()})
+                                     layouts={t: layout(needed_views(loss)) for t, loss in tasks.losses.items()},
+                                     query_clips=[t for t, loss in tasks.losses.items() if loss.query_paths])
         tasks.prober = Prober(state, c, mesh, tasks.schedule.tasks, tasks.subsets, wrt=wrt, base=base is not None,
                               progress=jax.process_index() == 0)
     if jax.process_index() == 0:

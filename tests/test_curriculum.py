@@ -14,7 +14,8 @@
   per ability.
 - Slow: the pyramid preset trains with the real prober and unlocks ti2v only after t2v and i2v pass
   the threshold; stopping at update k and resuming gives the same task sequence and bitwise-equal
-  trainables; both presets train and resume from the CLI.
+  trainables; both presets train and resume from the CLI, and uniform+tv2v (with the text + video
+  -> video task) trains, resumes and evaluates its four tasks.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _records(tasks: dict[str, int]) -> list[ManifestRecord]:
     ({"a": {"prerequisites": ("b",), "kind": "t2v", "level": 1}, "b": {"prerequisites": ("a",), "kind": "i2v"}},
      ["prerequisite cycle", "a -> b -> a"]),
     ({"ti2v": {"prerequisites": ("t2v",), "level": 1}}, ["'ti2v'", "['t2v'] are not in the task table"]),
-    ({"t2v": {}, "odd": {"kind": "tv2v"}}, ["'odd'", "kind 'tv2v'"]),
+    ({"t2v": {}, "odd": {"kind": "a2v"}}, ["'odd'", "kind 'a2v'"]),
     ({"t2v": {}, "ti2v": {"prerequisites": ("t2v",)}}, ["'ti2v' (level 0)", "lower pyramid level"]),
     ({"t2v": {"ability": "spatial"}}, ["'t2v'", "ability 'spatial'"]),
 ])
@@ -300,7 +301,7 @@ def _train_config(preset: str, corpus: Path, **overrides):
 
 def _tasks_of(logged: list[dict]) -> list[tuple[int, str]]:
     """(update, its task) of every logged update, read off the loss component it logged."""
-    pairs = {"L_A/T-V": "t2v", "L_A/I-V": "i2v", "L_A/TI-V": "ti2v"}
+    pairs = {"L_A/T-V": "t2v", "L_A/I-V": "i2v", "L_A/TI-V": "ti2v", "L_A/TV-V": "tv2v"}
     return [(m["step"], next(t for k, t in pairs.items() if k in m)) for m in logged if "loss" in m]
 
 
@@ -363,7 +364,7 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["pyramid", "uniform"])
+@pytest.mark.parametrize("preset", ["pyramid", "uniform", "uniform+tv2v"])
 def test_cli_trains_resumes_and_evaluates_per_task(preset, tmp_path):
     work = tmp_path / "run"
     common = ("--config", f"configs/gve_tiny.py:{preset}", "--workdir", work, "--config.data.synth_n=8",
@@ -380,7 +381,8 @@ def test_cli_trains_resumes_and_evaluates_per_task(preset, tmp_path):
              work / "corpus" / "manifest.jsonl", "--out", tmp_path / "eval", "--batch_size", "4", "--by_task")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results_tasks.json").read_text())
-    assert set(res["tasks"]) == {"t2v", "i2v", "ti2v"} and res["step"] == 4
+    assert set(res["tasks"]) == {"t2v", "i2v", "ti2v"} | ({"tv2v"} if "tv2v" in preset else set())
+    assert res["step"] == 4
     assert set(res["groups"]) == {"textual", "visual", "composed"} and set(res["abilities"]) == {"coarse",
                                                                                                  "fine-grained"}
     print(r.stdout)

@@ -13,6 +13,7 @@ metadata a hard negative needs from other rows (``row_metadata``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from collections.abc import Mapping, Sequence
 
@@ -32,6 +33,9 @@ _ROW_KEYS = ("caption", "caption_ids", "video_grid_thw", "image_grid_thw", "mel_
 _SLOTS = ("text", "audio", "video")
 # A sample's (and a batch's) per-row token layouts computed in the pipeline's workers (``add_row_layouts``).
 ROW_LAYOUT = "row_layout"
+# A pipeline batch's other views, beside its own: the augmented copy, the reference clip of a
+# text + video query.
+VIEWS = ("aug", "query")
 
 
 def batch_rows(batch: dict) -> int:
@@ -282,12 +286,14 @@ def row_layouts(sample: dict, paths: Sequence[str], model_cfg, tokens: Tokens, e
 
 
 def add_row_layouts(sample: dict, *, anchor: Sequence[str], aug: Sequence[str], model_cfg, tokens: Tokens,
-                    ecfg: EmbedConfig) -> dict:
-    """``sample`` (and its augmented view) with ``row_layouts`` of the paths each view is embedded
-    on, under ``ROW_LAYOUT``: the pipeline's per-sample hook for a train step's layout."""
+                    ecfg: EmbedConfig, query: Sequence[str] = ()) -> dict:
+    """``sample`` (and its augmented view, its query clip's view) with ``row_layouts`` of the
+    paths each view is embedded on, under ``ROW_LAYOUT``: the pipeline's per-sample hook for a
+    train step's layout."""
     sample[ROW_LAYOUT] = row_layouts(sample, anchor, model_cfg, tokens, ecfg)
-    if aug and isinstance(sample.get("aug"), dict):
-        sample["aug"][ROW_LAYOUT] = row_layouts(sample["aug"], aug, model_cfg, tokens, ecfg)
+    for view, paths in (("aug", aug), ("query", query)):
+        if paths and isinstance(sample.get(view), dict):
+            sample[view][ROW_LAYOUT] = row_layouts(sample[view], paths, model_cfg, tokens, ecfg)
     return sample
 
 
@@ -351,15 +357,15 @@ def _capacity(batch: dict, model_cfg, ecfg: EmbedConfig) -> dict[int, int]:
 
 
 def patches_needed(batch: dict) -> int:
-    """The most patch rows one clip of ``batch`` (or of its augmented view ``batch['aug']``)
+    """The most patch rows one clip of ``batch`` (or of its other views: ``VIEWS``)
     holds: the product of its ``video_grid_thw``; 0 without video."""
-    views = [batch] + ([batch["aug"]] if isinstance(batch.get("aug"), dict) else [])
+    views = [batch] + [batch[k] for k in VIEWS if isinstance(batch.get(k), dict)]
     grids = [np.asarray(v["video_grid_thw"]).reshape(-1, 3) for v in views if "video_grid_thw" in v]
     return max((int(np.prod(g, axis=1).max()) for g in grids if len(g)), default=0)
 
 
 def cut_patches(batch: dict, sizes: Sequence[int], gather=None) -> dict:
-    """``batch`` with ``video_patches`` (its augmented view's too) cut to the smallest P of
+    """``batch`` with ``video_patches`` (its other views' too) cut to the smallest P of
     ``sizes`` (ascending: the pipeline's ``patch_bucket_sizes``) that holds every clip of the
     global batch. ``gather`` (as in ``build_inputs``: a dict of per-row arrays -> the same over
     all processes) makes every process cut to the same P; alone, this batch is the global one.
@@ -382,8 +388,9 @@ def cut_patches(batch: dict, sizes: Sequence[int], gather=None) -> dict:
         return dict(view, video_patches=patches[:, :size])
 
     out = cut(batch)
-    if isinstance(batch.get("aug"), dict):
-        out["aug"] = cut(batch["aug"])
+    for k in VIEWS:
+        if isinstance(batch.get(k), dict):
+            out[k] = cut(batch[k])
     return out
 
 
@@ -593,6 +600,11 @@ def build_inputs(batch: dict, step: int, model_cfg: BackboneConfig, tokens: Toke
         if "aug" not in batch:
             raise KeyError("L_T needs the augmented view: set the pipeline's augment option (batch['aug'])")
         out["aug"] = prepare(batch["aug"], plan.aug, model_cfg, tokens, ecfg, row_offset=row_offset)
+    if plan.query:
+        if "query" not in batch:
+            raise KeyError(f"paths {list(plan.query)} embed each record's reference clip (a text + video query): "
+                           "set the pipeline's query_clip option (batch['query'])")
+        out["query"] = prepare(batch["query"], plan.query, model_cfg, tokens, ecfg, row_offset=row_offset)
     if plan.negative:
         b = batch_rows(batch)
         if gather is not None and "caption_ids" not in batch:
@@ -636,7 +648,8 @@ def build_inputs(batch: dict, step: int, model_cfg: BackboneConfig, tokens: Toke
 def chunked(inputs: TrainInputs, chunks: int) -> TrainInputs:
     """Every leaf [C, ...] -> [chunks, C / chunks, ...]: chunk c holds examples c * K .. c * K + K - 1,
     the layout of ``step.cached_train_step`` (shard its inputs on axis 1)."""
-    for name, p in (inputs.anchor.paths | ({} if inputs.aug is None else inputs.aug.paths)).items():
+    others = [v.paths for v in (inputs.aug, inputs.query) if v is not None]
+    for name, p in functools.reduce(operator.or_, others, dict(inputs.anchor.paths)).items():
         if p.input_ids.shape[0] != len(p.pool_index):
             raise ValueError(f"path {name} is packed ({p.input_ids.shape[0]} rows for {len(p.pool_index)} "
                              "sequences): a chunked step needs unpacked paths (embed.pack = ())")
@@ -671,6 +684,7 @@ def chunked(inputs: TrainInputs, chunks: int) -> TrainInputs:
             capacity[AUDIO] = v.mel.shape[-1] // 4 * (2 if v.fbank is not None else 1)  # WAVE doubles
         return dataclasses.replace(v, paths={n: rebase(p, capacity) for n, p in v.paths.items()})
 
-    local = dataclasses.replace(inputs, anchor=view(inputs.anchor), aug=view(inputs.aug), neg_view=view(inputs.neg_view))
+    local = dataclasses.replace(inputs, anchor=view(inputs.anchor), aug=view(inputs.aug), query=view(inputs.query),
+                                neg_view=view(inputs.neg_view))
     # The reshaped tree is rebuilt by unflattening, which does not re-run the [C, ...] shape contracts.
     return jax.tree.map(lambda x: np.asarray(x).reshape(chunks, k, *np.shape(x)[1:]), local)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,10 +50,12 @@ from omniret_jax.data.pipeline import DataPipeline, PipelineConfig, PipelineSumm
 
 @dataclasses.dataclass(frozen=True)
 class TaskKind:
-    """A task's query path, document path (``omniret_jax.config.EMBED_PATHS``) and UVRB query group."""
+    """A task's query path, document path (``omniret_jax.config.EMBED_PATHS``), UVRB query group,
+    and whether the query embeds the record's reference clip (``query_video``) instead of its own."""
     query: str
     document: str
     group: str        # "textual" | "composed" | "visual"
+    query_clip: bool = False
 
     @property
     def direction(self) -> str:
@@ -61,13 +63,14 @@ class TaskKind:
         return f"{self.query}->{self.document}"
 
 
-# tv2v (text + reference video -> video) needs a query clip beside the document clip, which a
-# manifest record (one video) does not hold; the image queries are the record's still frame.
+# The image queries are the record's still frame; tv2v's query is the record's text over its
+# reference clip (``query_video``), its document the record's own clip.
 KINDS = {
     "t2v": TaskKind("T", "V", "textual"),
     "v2t": TaskKind("V", "T", "textual"),
     "i2v": TaskKind("I", "V", "visual"),
     "ti2v": TaskKind("TI", "V", "composed"),
+    "tv2v": TaskKind("TV", "V", "composed", query_clip=True),
 }
 GROUPS = ("textual", "composed", "visual")
 ABILITIES = ("coarse", "fine-grained", "long-context")
@@ -105,8 +108,7 @@ def task_table(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Task]:
                              "prerequisites, ability")
         kind = t.get("kind") or name
         if kind not in KINDS:
-            raise ValueError(f"curriculum task {name!r}: kind {kind!r} is not one of {sorted(KINDS)} (tv2v needs a "
-                             "query clip beside the document clip, which a manifest record does not hold)")
+            raise ValueError(f"curriculum task {name!r}: kind {kind!r} is not one of {sorted(KINDS)}")
         ability = t.get("ability", "coarse")
         if ability not in ABILITIES:
             raise ValueError(f"curriculum task {name!r}: ability {ability!r} is not one of {ABILITIES}")
@@ -161,7 +163,8 @@ def _cycle(tasks: Mapping[str, Task]) -> list[str]:
 def split_by_task(records: Sequence[ManifestRecord], tasks: Mapping[str, Task], batch_size: int
                   ) -> dict[str, list[ManifestRecord]]:
     """The records of each task, in manifest order. Raises naming the task or record: a record
-    without a task, a task the table lacks, a task with fewer records than one global batch."""
+    without a task, a task the table lacks, a tv2v record without its reference clip, a task
+    with fewer records than one global batch."""
     by_task: dict[str, list[ManifestRecord]] = {name: [] for name in tasks}
     untasked = [r.id for r in records if r.task is None]
     if untasked:
@@ -174,6 +177,10 @@ def split_by_task(records: Sequence[ManifestRecord], tasks: Mapping[str, Task], 
         shown = "; ".join(f"task {t!r} ({len(rs)} records, e.g. {rs[0].id!r})" for t, rs in sorted(unknown.items()))
         raise ValueError(f"manifest tasks missing from config.curriculum.tasks: {shown} (known: {sorted(tasks)})")
     for name, rs in by_task.items():
+        lacking = [r.id for r in rs if tasks[name].spec.query_clip and r.query_video is None]
+        if lacking:
+            raise ValueError(f"curriculum task {name!r} ({tasks[name].kind}: text + reference video -> video): "
+                             f"{len(lacking)} record(s) have no 'query_video' (e.g. {lacking[:3]})")
         if len(rs) < batch_size:
             raise ValueError(f"curriculum task {name!r} has {len(rs)} manifest record(s), fewer than one global batch "
                              f"of {batch_size} (train.batch_size): its batches are task-homogeneous")
@@ -365,13 +372,16 @@ class TaskPipelines:
     state and one bad-input summary, as the trainer uses a single pipeline."""
 
     def __init__(self, by_task: Mapping[str, Sequence[ManifestRecord]], config: PipelineConfig, *, tokens=None,
-                 rows: tuple[int, int] | None = None, bad: Sequence[BadRecord] = (), layouts=None):
-        """``layouts``: {task: its pipeline's per-sample ``layout`` hook} (``DataPipeline``)."""
+                 rows: tuple[int, int] | None = None, bad: Sequence[BadRecord] = (), layouts=None,
+                 query_clips: Collection[str] = ()):
+        """``layouts``: {task: its pipeline's per-sample ``layout`` hook} (``DataPipeline``);
+        ``query_clips``: the tasks whose pipelines load each record's reference clip (tv2v)."""
         self._bad = list(bad)
         self.pipelines: dict[str, DataPipeline] = {}
         try:
             for name, rs in by_task.items():
-                self.pipelines[name] = DataPipeline(list(rs), config, tokens=tokens, rows=rows,
+                pcfg = dataclasses.replace(config, query_clip=name in query_clips)
+                self.pipelines[name] = DataPipeline(list(rs), pcfg, tokens=tokens, rows=rows,
                                                     layout=(layouts or {}).get(name))
         except BaseException:
             self.close()

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 REQUIRED_KEYS = ("id", "caption", "video")
-OPTIONAL_KEYS = ("audio", "start", "end", "meta", "task")
+OPTIONAL_KEYS = ("audio", "start", "end", "meta", "task", "query_video")
 KNOWN_KEYS = frozenset(REQUIRED_KEYS + OPTIONAL_KEYS)
 
 
@@ -45,6 +45,7 @@ class ManifestRecord:
     end: float | None = None
     meta: Mapping[str, Any] | None = None
     task: str | None = None
+    query_video: str | None = None   # the reference clip of a text + video query (tv2v), whole
 
     def to_json(self, base_dir: str | None = None) -> dict[str, Any]:
         """The JSON object for this record; paths under `base_dir` are written relative to it."""
@@ -60,6 +61,8 @@ class ManifestRecord:
             out["meta"] = dict(self.meta)
         if self.task is not None:
             out["task"] = self.task
+        if self.query_video is not None:
+            out["query_video"] = _relative(self.query_video, base_dir)
         return out
 
 
@@ -88,8 +91,8 @@ def _record_problems(obj: Any) -> list[tuple[str, str]]:
     """Every reason `obj` is not a valid record as (code, message); empty when it is valid.
 
     Codes (the pipeline counts skipped lines under ``manifest/<code>``): not_object,
-    unknown_key, missing_key, bad_type, empty_caption, empty_field, bad_audio, bad_time,
-    bad_meta, bad_task (and bad_json, duplicate_id from the reader)."""
+    unknown_key, missing_key, bad_type, empty_caption, empty_field, bad_audio, bad_query_video,
+    bad_time, bad_meta, bad_task (and bad_json, duplicate_id from the reader)."""
     if not isinstance(obj, dict):
         return [("not_object", f"record must be a JSON object, got {type(obj).__name__}")]
     problems = []
@@ -103,9 +106,10 @@ def _record_problems(obj: Any) -> list[tuple[str, str]]:
             problems.append(("bad_type", f"{key!r} must be a string, got {type(obj[key]).__name__}"))
         elif not obj[key].strip():
             problems.append(("empty_caption" if key == "caption" else "empty_field", f"{key!r} is empty"))
-    audio = obj.get("audio")
-    if audio is not None and (not isinstance(audio, str) or not audio.strip()):
-        problems.append(("bad_audio", f"'audio' must be a non-empty string or null, got {audio!r}"))
+    for key in ("audio", "query_video"):
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            problems.append((f"bad_{key}", f"{key!r} must be a non-empty string or null, got {value!r}"))
     times = {}
     for key in ("start", "end"):
         value = obj.get(key)
@@ -140,7 +144,8 @@ def _to_record(obj: dict[str, Any], base_dir: str) -> ManifestRecord:
     return ManifestRecord(
         id=obj["id"], caption=obj["caption"], video=_resolve(obj["video"], base_dir),
         audio=None if obj.get("audio") is None else _resolve(obj["audio"], base_dir),
-        start=seconds("start"), end=seconds("end"), meta=obj.get("meta"), task=obj.get("task"))
+        start=seconds("start"), end=seconds("end"), meta=obj.get("meta"), task=obj.get("task"),
+        query_video=None if obj.get("query_video") is None else _resolve(obj["query_video"], base_dir))
 
 
 ON_BAD_RECORD = ("error", "skip")

@@ -97,6 +97,9 @@ class PipelineConfig:
     text_negative: str = "none"  # "dataset": each sample also carries a random other record's caption
     # second, augmented view for the tuple objective
     augment: bool = False
+    # the record's reference clip (``query_video``, whole) as the view ``query``: the video of a
+    # text + video query (tv2v); a record without one is skipped (query_video/missing)
+    query_clip: bool = False
     # bad input
     on_bad_record: str = "error"  # manifest lines: "error" (one report of all) or "skip" (counted)
     on_bad_sample: str = "drop"  # "replace" (training: topology-independent) or "drop"
@@ -303,10 +306,10 @@ def _media_call(kind: str, fn, *args, **kwargs):
         raise _Skip(f"{kind}/out_of_range") from e
 
 
-def _clip_seconds(record: ManifestRecord) -> float:
+def _clip_seconds(record: ManifestRecord, kind: str = "video") -> float:
     """Length of the sampled window as the reference measures it (frame count / average fps,
     clipped to [start, end]); second_per_grid = temporal_patch_size * this / frames sampled."""
-    info = _media_call("video", decode.probe, record.video)
+    info = _media_call(kind, decode.probe, record.video)
     if info.num_frames and info.fps:
         length = info.num_frames / info.fps
     else:
@@ -388,10 +391,46 @@ class LoadSample:
             sample["aug"] = self._view(
                 augment.augment_caption(caption, rng), augment.augment_video(frames, rng),
                 augment.augment_audio(wave, rng), valid, grid_s, fallbacks, "aug_")
+        if c.query_clip:
+            sample["query"] = self._query_view(record, caption, fallbacks)
         return sample
+
+    def _query_view(self, record: ManifestRecord, caption: str, fallbacks: list[str]) -> dict[str, Any]:
+        """The reference clip of a text + video query, sampled as a record's own clip (no audio:
+        the query is its text and this clip's frames)."""
+        c = self.config
+        if record.query_video is None:
+            raise _Skip("query_video/missing")
+        frames, _ = _media_call("query_video", decode.decode_video, record.query_video, num_frames=c.num_frames,
+                                spacing_s=c.frame_spacing_s, max_frames=c.max_frames)
+        reference = ManifestRecord(id=record.id, caption=caption, video=record.query_video)
+        grid_s = c.temporal_patch_size * _clip_seconds(reference, "query_video") / frames.shape[0]
+        out = {"caption": caption, **self._caption_keys(caption, fallbacks, "query_")}
+        return out | self._video_keys(frames, grid_s)
 
     def _view(self, caption: str, frames: np.ndarray, wave: np.ndarray, valid: int, grid_s: float,
               fallbacks: list[str], tag: str) -> dict[str, Any]:
+        out = {"caption": caption, **self._caption_keys(caption, fallbacks, tag), **self._video_keys(frames, grid_s)}
+        mel = features.whisper_log_mel(wave)
+        fbank = features.beats_fbank(wave)
+        hop, win = SAMPLE_RATE // 100, SAMPLE_RATE * 25 // 1000  # kaldi 10 ms / 25 ms
+        out.update({
+            "mel": np.asarray(mel, np.float32),
+            "mel_len": np.int32(features.whisper_num_frames(valid)),
+            "fbank": np.asarray(fbank, np.float32),
+            "fbank_len": np.int32(min(fbank.shape[0], max(0, 1 + (valid - win) // hop))),
+        })
+        return out
+
+    def _caption_keys(self, caption: str, fallbacks: list[str], tag: str) -> dict[str, Any]:
+        if self.tokens is None:
+            return {}
+        ids, n, truncated = self.caption_ids(caption)
+        if truncated:
+            fallbacks.append(f"caption/{tag}too_many_tokens")
+        return {"caption_ids": ids, "caption_len": n}
+
+    def _video_keys(self, frames: np.ndarray, grid_s: float) -> dict[str, Any]:
         c = self.config
         patches, grid_thw = features.vision_patches(
             frames, min_pixels=c.min_pixels, max_pixels=c.max_pixels, patch_size=c.patch_size,
@@ -401,25 +440,9 @@ class LoadSample:
             raise _Skip("video/too_many_patches")
         padded = np.zeros((c.num_patches, patches.shape[1]), np.float32)
         padded[:n] = patches
-        mel = features.whisper_log_mel(wave)
-        fbank = features.beats_fbank(wave)
-        hop, win = SAMPLE_RATE // 100, SAMPLE_RATE * 25 // 1000  # kaldi 10 ms / 25 ms
-        out = {"caption": caption}
-        if self.tokens is not None:
-            out["caption_ids"], out["caption_len"], truncated = self.caption_ids(caption)
-            if truncated:
-                fallbacks.append(f"caption/{tag}too_many_tokens")
-        out.update({
-            "video_patches": padded,
-            "video_num_patches": np.int32(n),
-            "video_grid_thw": np.asarray(grid_thw, np.int32).reshape(3),
-            "video_second_per_grid": np.float32(grid_s),
-            "mel": np.asarray(mel, np.float32),
-            "mel_len": np.int32(features.whisper_num_frames(valid)),
-            "fbank": np.asarray(fbank, np.float32),
-            "fbank_len": np.int32(min(fbank.shape[0], max(0, 1 + (valid - win) // hop))),
-        })
-        return out
+        return {"video_patches": padded, "video_num_patches": np.int32(n),
+                "video_grid_thw": np.asarray(grid_thw, np.int32).reshape(3),
+                "video_second_per_grid": np.float32(grid_s)}
 
 
 class _LoadSlot(grain.transforms.Map):
@@ -615,6 +638,8 @@ class DataPipeline:
         fbank                       float32 [b, 798, 128] (8 s), fbank_len int32 [b]
         neg_caption_ids, neg_caption_len   another record's caption (text_negative="dataset")
         aug                         the same keys (no id) for the augmented view, if configured
+        query                       caption and video keys of the record's reference clip
+                                    (``query_video``), with ``query_clip``
     mel_len/fbank_len count the frames that cover decoded audio; a clip shorter than the crop
     is zero-padded at its end (silence fallbacks count as full length). The reference's feature
     mask spans the whole padded crop, so a layout that mirrors it uses the full width instead.

@@ -195,14 +195,18 @@ def write_mp4(path: str, frames: np.ndarray | None, wave: np.ndarray | None, *, 
     os.replace(tmp, path)
 
 
-def make_clip(out_dir: str, seed: int, index: int, s: SynthSettings) -> ManifestRecord:
-    """Renders, encodes and describes clip `index` (a pure function of seed, index, settings)."""
+def make_clip(out_dir: str, seed: int, index: int, s: SynthSettings, reference: bool = False) -> ManifestRecord:
+    """Renders, encodes and describes clip `index` (a pure function of seed, index, settings), or
+    with ``reference`` its tv2v reference clip: the same shape and colour, the next motion, its
+    own positions and sound."""
     attrs = clip_attributes(seed, index)
-    rng = np.random.default_rng([seed, index])
+    if reference:
+        attrs["motion"] = MOTIONS[(MOTIONS.index(attrs["motion"]) + 1) % len(MOTIONS)]
+    rng = np.random.default_rng([seed, index] + ([1] if reference else []))
     caption = caption_for(attrs, rng)
     frames = render_video(attrs, rng, s)
     wave = render_audio(attrs, rng, s)
-    clip_id = f"synth-{index:06d}"
+    clip_id = f"synth-{index:06d}" + ("-reference" if reference else "")
     path = os.path.join(out_dir, "clips", f"{clip_id}.mp4")
     write_mp4(path, frames, wave, fps=s.fps, sample_rate=s.sample_rate)
     return ManifestRecord(id=clip_id, caption=caption, video=os.path.abspath(path),
@@ -242,7 +246,8 @@ def generate(out_dir: str, n: int, *, seed: int = 0, settings: SynthSettings = S
     return records
 
 
-TASKS = ("t2v", "i2v", "ti2v")
+TASKS = ("t2v", "i2v", "ti2v")            # the default corpus
+ALL_TASKS = TASKS + ("tv2v",)
 VISUAL_COMBOS = len(SHAPES) * len(COLOURS) * len(MOTIONS)
 
 
@@ -255,12 +260,14 @@ def generate_tasks(out_dir: str, n: int, *, seed: int = 0, settings: SynthSettin
         t2v   caption -> clip
         i2v   the clip's still frame -> clip (shape, colour and the start position: motion is guessed)
         ti2v  that still frame + ``composed_query`` ("the same shape, moving left") -> clip
+        tv2v  ``composed_query`` over a reference clip (``query_video``: the same shape and
+              colour moving another way, not in the gallery) -> clip
     The image queries are the still frame of the document clip (``data.batch.still_frames``), so a
     record's caption is its text query (i2v keeps the clip's caption, which its I path never reads).
     Writes out_dir/clips and out_dir/manifest.jsonl; returns the records."""
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or not 0 < n <= VISUAL_COMBOS:
-        raise ValueError(f"tasks {list(tasks)} must be out of {TASKS} and 0 < n={n} <= {VISUAL_COMBOS} (distinct "
+        raise ValueError(f"tasks {list(tasks)} must be out of {ALL_TASKS} and 0 < n={n} <= {VISUAL_COMBOS} (distinct "
                          "shape x colour x motion)")
     picked, seen, index = [], set(), 0
     while len(picked) < n:
@@ -270,12 +277,16 @@ def generate_tasks(out_dir: str, n: int, *, seed: int = 0, settings: SynthSettin
             picked.append(index)
         index += 1
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
-    clips = _make_clips([(out_dir, seed, i, settings) for i in picked], workers, progress)
+    jobs = [(out_dir, seed, i, settings) for i in picked]
+    clips = _make_clips(jobs + ([job + (True,) for job in jobs] if "tv2v" in tasks else []), workers, progress)
+    references = {c.id.removesuffix("-reference"): c.video for c in clips[len(jobs):]}
     records = []
-    for clip in clips:
-        text = {"t2v": clip.caption, "i2v": clip.caption, "ti2v": clip.meta["composed_query"]}
+    for clip in clips[:len(jobs)]:
+        q = clip.meta["composed_query"]
+        text = {"t2v": clip.caption, "i2v": clip.caption, "ti2v": q, "tv2v": q}
         records += [dataclasses.replace(clip, id=f"{clip.id}/{t}", caption=text[t], task=t,
-                                        meta=dict(clip.meta, clip=clip.id)) for t in tasks]
+                                        meta=dict(clip.meta, clip=clip.id),
+                                        query_video=references[clip.id] if t == "tv2v" else None) for t in tasks]
     write_manifest(os.path.join(out_dir, "manifest.jsonl"), records)
     return records
 

@@ -93,9 +93,14 @@ _embed_jit = jax.jit(_embed_state, static_argnums=(0, 4))
 
 
 def _concat(samples: list[dict]) -> dict:
-    """Stacks one-row pipeline batches into one batch (lists joined, arrays concatenated)."""
-    return {k: (sum((s[k] for s in samples), []) if isinstance(samples[0][k], list)
-                else np.concatenate([s[k] for s in samples])) for k in samples[0]}
+    """Stacks one-row pipeline batches into one batch (lists joined, arrays concatenated, views
+    such as ``query`` stacked alike)."""
+    def join(values):
+        if isinstance(values[0], dict):
+            return _concat(values)
+        return sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+
+    return {k: join([s[k] for s in samples]) for k in samples[0]}
 
 
 class GalleryEmbedder:
@@ -122,16 +127,30 @@ class GalleryEmbedder:
         return {p: np.asarray(jax.device_get(v), np.float32) for p, v in out.items()}
 
     def embed_records(self, records: Sequence[ManifestRecord], paths: Sequence[str], pcfg: PipelineConfig, *,
-                      desc: str = "embed", progress: bool = True) -> dict[str, np.ndarray]:
-        """{path: float32 [len(records), D]} in record order; ValueError if the pipeline skips one."""
+                      desc: str = "embed", progress: bool = True, query_paths: Sequence[str] = ()
+                      ) -> dict[str, np.ndarray]:
+        """{path: float32 [len(records), D]} in record order; ValueError if the pipeline skips one.
+        ``query_paths``: as in ``embed_batches`` (the pipeline then loads the reference clips)."""
+        if query_paths:
+            pcfg = dataclasses.replace(pcfg, query_clip=True)
         return self.embed_batches(self.batches(records, pcfg, desc=desc, progress=progress), paths,
-                                  pcfg.patch_bucket_sizes)
+                                  pcfg.patch_bucket_sizes, query_paths=query_paths)
 
-    def embed_batches(self, batches, paths: Sequence[str], patch_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
-        """{path: float32 [rows, D]} of (batch, real rows) pairs (``batches``), the pad rows dropped."""
+    def embed_batches(self, batches, paths: Sequence[str], patch_buckets: Sequence[int] = (), *,
+                      query_paths: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """{path: float32 [rows, D]} of (batch, real rows) pairs (``batches``), the pad rows dropped;
+        ``query_paths`` embed each record's reference clip (the batch's ``query`` view: a text +
+        video query) instead of its own clip."""
         out: dict[str, list[np.ndarray]] = {p: [] for p in paths}
+        own = [p for p in paths if p not in query_paths]
         for batch, n in batches:
-            for p, e in self.embed_batch(batch, paths, patch_buckets).items():
+            embedded = self.embed_batch(batch, own, patch_buckets) if own else {}
+            if query_paths:
+                if "query" not in batch:
+                    raise KeyError(f"paths {list(query_paths)} embed the records' reference clips: load them with "
+                                   "the pipeline's query_clip option")
+                embedded |= self.embed_batch(batch["query"], query_paths, patch_buckets)
+            for p, e in embedded.items():
                 out[p].append(e[:n])
         return {p: np.concatenate(v) for p, v in out.items()}
 

@@ -45,7 +45,9 @@ DUAL_DIRECTIONS = ("T->AV", "AV->T", "A->TV", "TV->A", "V->AT", "AT->V")
 DIRECTIONS = SINGLE_DIRECTIONS + DUAL_DIRECTIONS
 # GVE's visual queries against videos: an image, and the composed query text + image (path TI).
 IMAGE_DIRECTIONS = ("I->V", "TI->V")
-KNOWN_DIRECTIONS = DIRECTIONS + IMAGE_DIRECTIONS
+# The composed query text + reference video against videos (tv2v: its TV embeds the record's
+# query_video, eval.tasks), as the per-task evaluation scores it.
+KNOWN_DIRECTIONS = DIRECTIONS + IMAGE_DIRECTIONS + ("TV->V",)
 # Direction side name -> embedding path name ("AT" is the joint text+audio path "TA").
 _SIDE_TO_PATH = {"T": "T", "V": "V", "A": "A", "AV": "AV", "TV": "TV", "AT": "TA", "I": "I", "TI": "TI"}
 AVERAGES = {"AVG single": SINGLE_DIRECTIONS, "AVG dual": DUAL_DIRECTIONS, "AVG all": DIRECTIONS}

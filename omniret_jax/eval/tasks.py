@@ -8,7 +8,8 @@ It embeds in eval mode (no adapter dropout) with the trainer's parameters, no se
 
 ``evaluate_tasks``: a multi-task manifest (``task`` per record) and benchmark manifests (the
 adapters' ``meta.benchmark``), each task scored on its own gallery (its records' documents,
-diagonal relevance) in its direction (t2v: T->V, i2v: I->V, ti2v: TI->V, v2t: V->T), then R@1
+diagonal relevance) in its direction (t2v: T->V, i2v: I->V, ti2v: TI->V, tv2v: TV->V over the record's reference clip,
+v2t: V->T), then R@1
 averaged per query group (textual, composed, visual) and per ability (coarse, fine-grained,
 long-context), the two ways UVRB groups its results. Benchmarks' abilities (``BENCHMARK_ABILITY``)
 are this project's assignment (DiDeMo's paragraph protocol as long-context), not UVRB's table.
@@ -51,8 +52,9 @@ class Prober:
         self.state, self.tasks, self.base = eval_mode(state, wrt), dict(tasks), base
         self.embedder = GalleryEmbedder(self.state, build.embed_config(c), mesh, batch_size=int(c.train.batch_size))
         self.pcfg = eval_pipeline_config(c)
-        self.batches = {t: list(self.embedder.batches(rs, self.pcfg, desc=f"probe clips {t}", progress=progress))
-                        for t, rs in subsets.items()}
+        self.batches = {t: list(self.embedder.batches(rs, dataclasses.replace(
+            self.pcfg, query_clip=self.tasks[t].spec.query_clip), desc=f"probe clips {t}", progress=progress))
+            for t, rs in subsets.items()}
         self._cached: dict | None = None
 
     def __call__(self, trainable) -> dict[str, dict]:
@@ -62,10 +64,16 @@ class Prober:
         out = {}
         for t, batches in self.batches.items():
             kind = self.tasks[t].spec
-            e = self.embedder.embed_batches(batches, (kind.query, kind.document), self.pcfg.patch_bucket_sizes)
+            e = self.embedder.embed_batches(batches, (kind.query, kind.document), self.pcfg.patch_bucket_sizes,
+                                            query_paths=query_paths(kind))
             out[t] = alignment(e[kind.query], e[kind.document])
         self._cached = out if self.base else None
         return out
+
+
+def query_paths(kind) -> tuple[str, ...]:
+    """The paths of a task kind embedded on each record's reference clip (tv2v's TV), else none."""
+    return (kind.query,) if kind.query_clip else ()
 
 
 def manifest_tasks(records: Sequence[ManifestRecord], tasks: Mapping[str, Task]) -> dict[str, tuple[Task, list]]:
@@ -119,7 +127,8 @@ def evaluate_tasks(c, checkpoint, manifests: Sequence[str], out, *, batch_size: 
     per_task = {}
     for name, (task, rs) in tasks.items():
         kind = task.spec
-        emb = embedder.embed_records(rs, (kind.query, kind.document), pcfg, desc=f"embed {name}", progress=progress)
+        emb = embedder.embed_records(rs, (kind.query, kind.document), pcfg, desc=f"embed {name}", progress=progress,
+                                     query_paths=query_paths(kind))
         res = retrieval.evaluate(EmbeddingSet(emb, tuple(r.id for r in rs)), [kind.direction])
         per_task[name] = dict(res["directions"][kind.direction], kind=task.kind, direction=kind.direction,
                               group=kind.group, ability=task.ability)
