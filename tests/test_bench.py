@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -57,21 +58,21 @@ def test_soak_bench(tmp_path, workers):
     print(result)
 
 
-def test_allocator_is_named_and_a_missing_tcmalloc_is_a_clear_error(monkeypatch):
+def test_allocator_is_named_and_a_missing_tcmalloc_is_a_clear_error():
     """Each bench's JSON names the malloc it ran on (step times on CPU depend on it), and
     compare_torch's ``--malloc tcmalloc`` without the library says which package to install."""
-    sys.path.insert(0, str(REPO))
-    from bench import report
-    probe = [sys.executable, "-c", "from bench.report import allocator; print(allocator())"]
-    plain = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    def probe(code: str, **env) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        return subprocess.run([sys.executable, "-c", "from bench import report\n" + code], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env=dict(base, **env))
+
+    plain = probe("print(report.allocator())")
     assert plain.stdout.strip() == "glibc", plain.stderr
-    lib = report.tcmalloc_preload(required=False)
+    lib = ctypes.util.find_library("tcmalloc_minimal")
     if lib is not None:     # installed here: a process started on it says so
-        pre = subprocess.run(probe, cwd=REPO, capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, LD_PRELOAD=lib))
+        pre = probe("print(report.allocator())", LD_PRELOAD=lib)
         assert pre.stdout.strip() == "tcmalloc", pre.stderr
-    monkeypatch.setattr(report.ctypes.util, "find_library", lambda name: None)
-    assert report.tcmalloc_preload(required=False) is None
-    with pytest.raises(SystemExit, match="libtcmalloc-minimal4"):
-        report.tcmalloc_preload(required=True)
+    missing = probe("import ctypes.util\nctypes.util.find_library = lambda name: None\n"
+                    "assert report.tcmalloc_preload(required=False) is None\n"
+                    "report.tcmalloc_preload(required=True)")
+    assert missing.returncode == 1 and "apt-get install libtcmalloc-minimal4" in missing.stderr, missing.stderr

@@ -12,7 +12,8 @@ unrolled layers compute.
 - The factory's per-layer view (``ModelState.model()``, what exports read) equals the unscanned
   model bitwise; stacked parameters shard with a leading replicated layer axis; layers that
   differ (adapters on some only) are refused.
-In the slow set: remat full, and the factory's per-layer view and sharding test.
+In the slow set: remat full, the whole train step with its checkpoint round trip, and the
+factory's per-layer view and sharding test.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def test_scanned_decoder_equals_unrolled(remat):
           f"adapter gradients {worst:.2e} relative")
 
 
+@pytest.mark.slow
 def test_scanned_train_step_equals_unrolled_and_checkpoints(tmp_path):
     runs = {}
     for scan in (False, True):

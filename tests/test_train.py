@@ -9,7 +9,7 @@ random batch in DataPipeline's format, or the synthetic corpus for train().
 - Negatives: the sharded loss equals the global-batch loss of the step's embeddings and is
   far from the mean of per-shard losses.
 - Non-finite input: the update is skipped bitwise; train() skips such steps, resets the count
-  after a good one and aborts after train.max_nonfinite consecutive ones.
+  after a good one and aborts after train.max_nonfinite consecutive ones (slow).
 - Bad input: batch of 1 with L_T, mesh/batch mismatches, unknown CLI config key.
 - Resume (slow; test_checkpoint.py's bitwise resume runs by default): step 2 of an uninterrupted
   run, continued by train() in a fresh workdir, ends bitwise equal at step 4; SIGTERM mid-run,
@@ -369,6 +369,7 @@ def test_sigterm_saves_then_resume_is_bitwise(manifest, straight, tmp_path, monk
     print(f"SIGTERM at step 1, resumed: {n} trainable leaves and the optimizer state bitwise equal at step 4")
 
 
+@pytest.mark.slow
 def test_train_skips_nonfinite_steps_and_aborts_after_max_nonfinite(manifest, tmp_path, monkeypatch):
     """NaN on micro-batches 0, 2, 3 with max_nonfinite=1: 0 is skipped, 1 makes update 1 (logged
     with its skipped micro-batch) and resets the count, 2 is skipped, 3 is the second
