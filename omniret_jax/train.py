@@ -375,7 +375,7 @@ class Curriculum:
         every = cur.probe_period(ccfg, by_task, batch, int(c.optim.accumulate))
         schedule = cur.Schedule(table, ccfg, seed=int(c.train.seed), total=int(c.train.steps), every=every)
         losses = {t: dataclasses.replace(lcfg, pairs=((k.spec.query, k.spec.document),),
-                                         query_paths=(k.spec.query,) if k.spec.query_clip else ())
+                                         query_paths=k.spec.query_paths)
                   for t, k in table.items()}
         return cls(schedule, by_task, m.bad, losses, cur.probe_subsets(by_task, ccfg.probe_size, int(c.train.seed)))
 

@@ -58,6 +58,11 @@ class TaskKind:
     query_clip: bool = False
 
     @property
+    def query_paths(self) -> tuple[str, ...]:
+        """The paths embedded on each record's reference clip (``LossConfig.query_paths``)."""
+        return (self.query,) if self.query_clip else ()
+
+    @property
     def direction(self) -> str:
         """The eval direction (``eval.retrieval``) this kind scores."""
         return f"{self.query}->{self.document}"

@@ -306,17 +306,17 @@ def _media_call(kind: str, fn, *args, **kwargs):
         raise _Skip(f"{kind}/out_of_range") from e
 
 
-def _clip_seconds(record: ManifestRecord, kind: str = "video") -> float:
+def _clip_seconds(path: str, start: float | None = None, end: float | None = None, kind: str = "video") -> float:
     """Length of the sampled window as the reference measures it (frame count / average fps,
     clipped to [start, end]); second_per_grid = temporal_patch_size * this / frames sampled."""
-    info = _media_call(kind, decode.probe, record.video)
+    info = _media_call(kind, decode.probe, path)
     if info.num_frames and info.fps:
         length = info.num_frames / info.fps
     else:
         length = info.duration_s
-    if record.end is not None:
-        length = min(length, record.end)
-    return length - (record.start or 0.0)
+    if end is not None:
+        length = min(length, end)
+    return length - (start or 0.0)
 
 
 # Sub-streams of a slot's randomness: np.random.default_rng([seed, slot, attempt, STREAM]).
@@ -384,7 +384,7 @@ class LoadSample:
         valid = min(wave.shape[0], target) if wave.size else target  # silence fills the crop
         wave = decode.crop_or_pad(wave, seconds=c.audio_seconds, sr=SAMPLE_RATE,
                                   mode=c.audio_mode, rng=rng)
-        grid_s = c.temporal_patch_size * _clip_seconds(record) / frames.shape[0]
+        grid_s = c.temporal_patch_size * _clip_seconds(record.video, record.start, record.end) / frames.shape[0]
         sample = {"id": record.id, FALLBACKS: fallbacks}
         sample.update(self._view(caption, frames, wave, valid, grid_s, fallbacks, ""))
         if c.augment:
@@ -392,21 +392,21 @@ class LoadSample:
                 augment.augment_caption(caption, rng), augment.augment_video(frames, rng),
                 augment.augment_audio(wave, rng), valid, grid_s, fallbacks, "aug_")
         if c.query_clip:
-            sample["query"] = self._query_view(record, caption, fallbacks)
+            sample["query"] = self._query_view(record, sample)
         return sample
 
-    def _query_view(self, record: ManifestRecord, caption: str, fallbacks: list[str]) -> dict[str, Any]:
-        """The reference clip of a text + video query, sampled as a record's own clip (no audio:
-        the query is its text and this clip's frames)."""
+    def _query_view(self, record: ManifestRecord, sample: dict[str, Any]) -> dict[str, Any]:
+        """The reference clip of a text + video query, sampled as a record's own clip, with the
+        record's caption (its tokens as ``sample`` holds them). No audio: the query is its text
+        and this clip's frames."""
         c = self.config
         if record.query_video is None:
             raise _Skip("query_video/missing")
         frames, _ = _media_call("query_video", decode.decode_video, record.query_video, num_frames=c.num_frames,
                                 spacing_s=c.frame_spacing_s, max_frames=c.max_frames)
-        reference = ManifestRecord(id=record.id, caption=caption, video=record.query_video)
-        grid_s = c.temporal_patch_size * _clip_seconds(reference, "query_video") / frames.shape[0]
-        out = {"caption": caption, **self._caption_keys(caption, fallbacks, "query_")}
-        return out | self._video_keys(frames, grid_s)
+        grid_s = c.temporal_patch_size * _clip_seconds(record.query_video, kind="query_video") / frames.shape[0]
+        text = {k: sample[k] for k in ("caption", "caption_ids", "caption_len") if k in sample}
+        return text | self._video_keys(frames, grid_s)
 
     def _view(self, caption: str, frames: np.ndarray, wave: np.ndarray, valid: int, grid_s: float,
               fallbacks: list[str], tag: str) -> dict[str, Any]:

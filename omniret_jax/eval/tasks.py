@@ -8,10 +8,10 @@ It embeds in eval mode (no adapter dropout) with the trainer's parameters, no se
 
 ``evaluate_tasks``: a multi-task manifest (``task`` per record) and benchmark manifests (the
 adapters' ``meta.benchmark``), each task scored on its own gallery (its records' documents,
-diagonal relevance) in its direction (t2v: T->V, i2v: I->V, ti2v: TI->V, tv2v: TV->V over the record's reference clip,
-v2t: V->T), then R@1
-averaged per query group (textual, composed, visual) and per ability (coarse, fine-grained,
-long-context), the two ways UVRB groups its results. Benchmarks' abilities (``BENCHMARK_ABILITY``)
+diagonal relevance) in its direction (t2v: T->V, i2v: I->V, ti2v: TI->V, v2t: V->T, tv2v: TV->V
+with TV over each record's reference clip), then R@1 averaged per query group (textual,
+composed, visual) and per ability (coarse, fine-grained, long-context), the two ways UVRB
+groups its results. Benchmarks' abilities (``BENCHMARK_ABILITY``)
 are this project's assignment (DiDeMo's paragraph protocol as long-context), not UVRB's table.
 """
 
@@ -65,15 +65,10 @@ class Prober:
         for t, batches in self.batches.items():
             kind = self.tasks[t].spec
             e = self.embedder.embed_batches(batches, (kind.query, kind.document), self.pcfg.patch_bucket_sizes,
-                                            query_paths=query_paths(kind))
+                                            query_paths=kind.query_paths)
             out[t] = alignment(e[kind.query], e[kind.document])
         self._cached = out if self.base else None
         return out
-
-
-def query_paths(kind) -> tuple[str, ...]:
-    """The paths of a task kind embedded on each record's reference clip (tv2v's TV), else none."""
-    return (kind.query,) if kind.query_clip else ()
 
 
 def manifest_tasks(records: Sequence[ManifestRecord], tasks: Mapping[str, Task]) -> dict[str, tuple[Task, list]]:
@@ -128,7 +123,7 @@ def evaluate_tasks(c, checkpoint, manifests: Sequence[str], out, *, batch_size: 
     for name, (task, rs) in tasks.items():
         kind = task.spec
         emb = embedder.embed_records(rs, (kind.query, kind.document), pcfg, desc=f"embed {name}", progress=progress,
-                                     query_paths=query_paths(kind))
+                                     query_paths=kind.query_paths)
         res = retrieval.evaluate(EmbeddingSet(emb, tuple(r.id for r in rs)), [kind.direction])
         per_task[name] = dict(res["directions"][kind.direction], kind=task.kind, direction=kind.direction,
                               group=kind.group, ability=task.ability)
