@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Union
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omniret_jax.model import layers as L
@@ -301,6 +301,14 @@ def shard_batch(batch, mesh: Mesh, *, batch_axis: int = 0, rules=None):
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(put, batch)
+
+
+def fetch_global(tree):
+    """Global arrays (sharded anyhow, over several processes too) as whole host NumPy arrays on
+    every process. With several processes this is a collective: every process calls it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def process_rows(mesh: Mesh, global_batch: int, *, rules=None) -> tuple[int, int]:

@@ -7,7 +7,9 @@
   and sharded values; the two halves concatenated equal the one-process arrays exactly. The
   corpus holds one sliver clip: its global batch takes the larger patch bucket in both processes.
 - Slow: the train CLI with --config.distributed.* in two processes vs the CLI in one process:
-  same losses (1e-6 relative) and trainables (1e-5 relative), printed with the wall times.
+  same losses (1e-6 relative) and trainables (1e-5 relative), printed with the wall times; the
+  same for the GVE curriculum (configs/gve_tiny.py:pyramid), its two-process run stopped and
+  resumed, with the same probe scores (1e-5 absolute) and task sequence.
 """
 
 from __future__ import annotations
@@ -116,11 +118,11 @@ def _train_cmd(workdir: Path, manifest: str, *extra: str) -> list[str]:
             "--config.train.log_every=1", "--config.train.ckpt_every=3", "--config.mesh.data=8", *extra]
 
 
-def _trainables(workdir: Path, step: int) -> dict[str, np.ndarray]:
+def _trainables(workdir: Path, step: int, c=None) -> dict[str, np.ndarray]:
     from omniret_jax import build
     from omniret_jax.checkpoint import TrainCheckpointer
 
-    c = build.load_config(REPO / "configs" / "tiny.py")
+    c = c or build.load_config(REPO / "configs" / "tiny.py")
     _, trainable, _ = build.split_state(build.attach_lora(build.random_model(c), c, train=True),
                                         build.lora_config(c), build.precision(c))
     with TrainCheckpointer(workdir / "checkpoints") as ckpt:
@@ -153,4 +155,60 @@ def test_two_process_training_matches_one_process(manifest, tmp_path):
     print(f"losses {[round(m['loss'], 6) for m in m1]} vs {[round(m['loss'], 6) for m in m2]}: worst relative "
           f"difference {worst_loss:.2e}; {len(rel)} trainable leaves, worst {rel[worst]:.2e} ({worst}); wall time "
           f"one process {t_one:.0f} s, two processes {t_two:.0f} s")
+    assert rel[worst] <= 1e-5
+
+
+def _curriculum_cmd(workdir: Path, corpus: str, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "omniret_jax.train", "--config", "configs/gve_tiny.py:pyramid", "--workdir",
+            str(workdir), f"--config.data.manifest={corpus}", f"--config.train.steps={steps}",
+            "--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.ckpt_every=2",
+            "--config.curriculum.probe_every=2", "--config.curriculum.unlock_threshold=-1.0", "--config.mesh.data=8",
+            *extra]
+
+
+@pytest.mark.slow
+def test_two_process_curriculum_matches_one_process(tmp_path):
+    """The Modality Pyramid in two processes (every process embeds the probe subsets' rows it holds,
+    the embeddings are gathered, each process scores and draws the same tasks), stopped at update 2
+    and resumed to 4, against one process straight to 4: the same probes, tasks, losses and
+    trainables."""
+    from omniret_jax.data.synth import SynthSettings, generate_tasks
+
+    generate_tasks(str(tmp_path / "corpus"), 8, settings=SynthSettings(seconds=1.0, size=64), progress=False)
+    corpus = str(tmp_path / "corpus" / "manifest.jsonl")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, t_one = _run_all([_curriculum_cmd(one, corpus, 4)], devices=8, timeout=1200)
+    t_two = 0.0
+    for steps in (2, 4):
+        port = _free_port()
+        outputs, t = _run_all([_curriculum_cmd(two, corpus, steps, "--config.distributed.coordinator_address="
+                                               f"127.0.0.1:{port}", "--config.distributed.num_processes=2",
+                                               f"--config.distributed.process_id={i}") for i in range(2)],
+                              devices=4, timeout=1200)
+        t_two += t
+    assert "resumed from update 2" in outputs[0]
+    m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    probes = [[(m["step"], {k: v for k, v in m.items() if k.startswith("probe/")}) for m in ms
+               if "probe/t2v/alignment" in m] for ms in (m1, m2)]
+    assert [u for u, _ in probes[0]] == [u for u, _ in probes[1]] == [0, 2]
+    worst_probe = 0.0
+    for (_, a), (_, b) in zip(*probes):
+        assert a.keys() == b.keys()
+        worst_probe = max([worst_probe] + [abs(a[k] - b[k]) for k in a])
+    assert worst_probe <= 1e-5, probes
+    steps = [[m for m in ms if "loss" in m] for ms in (m1, m2)]
+    tasks = [[next(k for k in m if k.startswith("L_A/")) for m in ms] for ms in steps]
+    assert tasks[0] == tasks[1] and len(tasks[0]) == 4
+    worst_loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(*steps))
+    assert worst_loss <= 1e-6, steps
+    from omniret_jax import build
+    c = build.load_config(f"{REPO / 'configs' / 'gve_tiny.py'}:pyramid")
+    p1, p2 = _trainables(one, 4, c), _trainables(two, 4, c)
+    assert p1.keys() == p2.keys()
+    rel = {k: float(np.linalg.norm(p2[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30)) for k in p1}
+    worst = max(rel, key=rel.get)
+    print(f"tasks {tasks[0]}; probe scores worst abs difference {worst_probe:.1e}, losses {worst_loss:.1e} relative; "
+          f"{len(rel)} trainable leaves, worst {rel[worst]:.1e} ({worst}); wall time one process {t_one:.0f} s, "
+          f"two processes (2 + resumed 2 updates) {t_two:.0f} s")
     assert rel[worst] <= 1e-5

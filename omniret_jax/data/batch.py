@@ -49,6 +49,12 @@ def batch_rows(batch: dict) -> int:
     return next(iter(sizes.values()))
 
 
+def take_rows(batch: dict, start: int, stop: int) -> dict:
+    """Rows [start, stop) of a pipeline batch: every leaf is per row (arrays on their first axis,
+    lists), views and per-row layouts (dicts) alike."""
+    return {k: take_rows(v, start, stop) if isinstance(v, dict) else v[start:stop] for k, v in batch.items()}
+
+
 def merge_indices(input_ids: np.ndarray, cfg: BackboneConfig, n_valid: Mapping[int, Sequence | np.ndarray],
                   capacity: Mapping[int, int], *, row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: (source [B, S] in {TEXT, IMAGE, VIDEO, AUDIO}, index [B, S]).

@@ -253,6 +253,7 @@ class Schedule:
             raise ValueError(f"probe period {every} and train.steps {total} must be >= 1")
         self.tasks, self.cfg, self.seed, self.total, self.every = dict(tasks), cfg, seed, total, every
         self.history: list[dict[str, Any]] = []
+        self._drawn: dict[int, str] = {}    # task_for's draws (fixed once their probe is recorded)
         self._changed = threading.Condition()
 
     # ---- probes
@@ -318,6 +319,8 @@ class Schedule:
         """The task of update ``u``. Waits for the probe of u's window (``stop`` set: gives up,
         raising InterruptedError); without ``stop`` (the caller is the thread that probes) that
         probe must already be recorded."""
+        if u in self._drawn:
+            return self._drawn[u]
         window = u // self.every * self.every
         with self._changed:
             while self._probe_at(window) is None:
@@ -329,10 +332,13 @@ class Schedule:
         w = self.weights(u)
         names = list(w)
         p = np.array([w[t] for t in names])
-        return names[int(np.random.default_rng([self.seed, _DRAW, u]).choice(len(names), p=p / p.sum()))]
+        task = names[int(np.random.default_rng([self.seed, _DRAW, u]).choice(len(names), p=p / p.sum()))]
+        self._drawn[u] = task
+        return task
 
     def counts(self, updates: int) -> dict[str, int]:
-        """Updates each task has trained among the first ``updates``."""
+        """Updates each task has trained among the first ``updates`` (remembered draws: the log
+        step asks this for the whole run so far)."""
         out = dict.fromkeys(self.tasks, 0)
         for u in range(updates):
             out[self.task_for(u)] += 1
@@ -351,6 +357,7 @@ class Schedule:
                              f"config's (tasks {list(self.tasks)}, train.seed {self.seed})")
         with self._changed:
             self.history = [dict(e) for e in state["history"]]
+            self._drawn.clear()
             self._changed.notify_all()
 
     def log_metrics(self, probe: Mapping[str, Any], updates: int) -> dict[str, float]:

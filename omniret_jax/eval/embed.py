@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from omniret_jax import build, sharding
 from omniret_jax.build import ModelState
 from omniret_jax.config import EmbedConfig
-from omniret_jax.data.batch import caption_token_budget, cut_patches, prepare, still_frames
+from omniret_jax.data.batch import caption_token_budget, cut_patches, prepare, still_frames, take_rows
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.data.pipeline import DataPipeline, PipelineConfig
 from omniret_jax.eval import compression as C
@@ -105,26 +105,30 @@ def _concat(samples: list[dict]) -> dict:
 
 class GalleryEmbedder:
     """Embeds records with one placed model (eval mode, ``build.build_state``/``restore_trained``)
-    in fixed-shape batches sharded over `mesh`."""
+    in fixed-shape batches sharded over `mesh`. With several processes every process reads the
+    same records, places its rows of each batch and gets every row's embedding back (a collective:
+    all call it alike)."""
 
     def __init__(self, state: ModelState, ecfg: EmbedConfig, mesh, *, batch_size: int):
-        if jax.process_count() > 1:
-            raise ValueError(f"gallery embedding runs on one host; this job has {jax.process_count()} processes")
         sharding.batch_sharding(mesh, batch_size)  # the batch must split over the batch axes
         self.state, self.ecfg, self.mesh, self.batch_size = state, ecfg, mesh, batch_size
+        self.rows = sharding.process_rows(mesh, batch_size)
 
     def embed_batch(self, batch: dict, paths: Sequence[str], patch_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
         """{path: float32 [B, D]} for a batch of exactly `batch_size` rows; its video patches cut to
         the smallest of ``patch_buckets`` (the pipeline's ``patch_bucket_sizes``) that holds them."""
         s = self.state
-        if patch_buckets:
+        if patch_buckets:   # the whole batch's bucket, the same on every process
             batch = cut_patches(batch, patch_buckets)
+        start, stop = self.rows
+        if jax.process_count() > 1:   # every process holds the whole batch and places its own rows
+            batch = take_rows(batch, start, stop)
         if any("I" in p for p in paths) and "image_patches" not in batch:
             batch = still_frames(batch, s.cfg.vision)
-        host = prepare(batch, paths, s.cfg, s.tokens, self.ecfg)
+        host = prepare(batch, paths, s.cfg, s.tokens, self.ecfg, row_offset=start)
         inputs = sharding.shard_batch(host, self.mesh)  # every input leaf is batch-first
-        out = _embed_jit(s.graphdef, s.trainable, s.frozen, inputs, self.ecfg)
-        return {p: np.asarray(jax.device_get(v), np.float32) for p, v in out.items()}
+        out = sharding.fetch_global(_embed_jit(s.graphdef, s.trainable, s.frozen, inputs, self.ecfg))
+        return {p: np.asarray(v, np.float32) for p, v in out.items()}
 
     def embed_records(self, records: Sequence[ManifestRecord], paths: Sequence[str], pcfg: PipelineConfig, *,
                       desc: str = "embed", progress: bool = True, query_paths: Sequence[str] = ()
@@ -360,6 +364,13 @@ def _stored_fingerprint(path: Path) -> str | None:
         return None
 
 
+def one_host(what: str) -> None:
+    """Evaluation writes its results from one process; the trainer's prober embeds on many."""
+    if jax.process_count() > 1:
+        raise ValueError(f"{what} runs in one process (it writes the results); this job has "
+                         f"{jax.process_count()} processes")
+
+
 def evaluate_checkpoint(c, checkpoint, manifest, out, *, mode: str = "first", block: int = 1024,
                         batch_size: int | None = None, directions: Sequence[str] | None = None,
                         compression: bool = False, compression_seeds: Sequence[int] = (0, 1, 2, 3, 4),
@@ -368,6 +379,7 @@ def evaluate_checkpoint(c, checkpoint, manifest, out, *, mode: str = "first", bl
     resolve_checkpoint), caches the embeddings in `out`, scores the directions (default: all
     12) and writes out/results.json and out/results.md. `extra_paths` are embedded and cached
     too. Returns the results dict."""
+    one_host("evaluation")
     if mode not in retrieval.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {retrieval.MODES}")
     if directions is None:  # the config's own (GVE has no audio), else the 12

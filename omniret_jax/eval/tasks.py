@@ -5,6 +5,8 @@ a query's document over its hardest other probe document, and R@1) on the fixed 
 embedded once decoded (the clips are cached on the host) by the prober: the model being trained
 (``current``) or the frozen base (``base``: the fresh adapters, scored once since it never changes).
 It embeds in eval mode (no adapter dropout) with the trainer's parameters, no second model.
+With several processes each decodes the whole subsets, embeds the rows of every probe batch its
+devices hold and gathers the rest, so every process scores alike and draws the same tasks.
 
 ``evaluate_tasks``: a multi-task manifest (``task`` per record) and benchmark manifests (the
 adapters' ``meta.benchmark``), each task scored on its own gallery (its records' documents,
@@ -30,7 +32,7 @@ from omniret_jax.build import ModelState
 from omniret_jax.data.curriculum import ABILITIES, GROUPS, Task, alignment, task_table
 from omniret_jax.data.manifest import ManifestRecord, read_manifest
 from omniret_jax.eval import retrieval
-from omniret_jax.eval.embed import GalleryEmbedder, eval_pipeline_config, load_state, resolve_checkpoint
+from omniret_jax.eval.embed import GalleryEmbedder, eval_pipeline_config, load_state, one_host, resolve_checkpoint
 from omniret_jax.eval.store import EmbeddingSet
 
 # The video benchmarks the adapters write (eval.benchmarks), as text -> video tasks.
@@ -111,6 +113,7 @@ def evaluate_tasks(c, checkpoint, manifests: Sequence[str], out, *, batch_size: 
                    progress: bool = True) -> dict:
     """Scores every task of ``manifests`` with the config's model and ``checkpoint``
     (``embed.resolve_checkpoint``); writes out/results_tasks.json and .md; returns the dict."""
+    one_host("per-task evaluation")
     table = task_table(c.curriculum.tasks.to_dict()) if "curriculum" in c else {}
     records = [r for m in manifests for r in read_manifest(m)]
     tasks = manifest_tasks(records, table)
