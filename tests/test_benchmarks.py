@@ -214,10 +214,86 @@ def test_audiocaps_grouping_patterns_and_times(tmp_path):
 
 def test_all_missing_and_registry(tmp_path):
     assert set(B.ADAPTERS) == {"msrvtt_1ka", "msvd", "didemo", "vatex", "clotho", "sounddescs",
-                               "audiocaps"}
+                               "audiocaps", "vdc", "dream1k", "carebench"}
     csv_path = write_csv(tmp_path / "t.csv", ["key", "vid_key", "video_id", "sentence"],
                          [["r", "m", "video1", "x"]])
     with pytest.raises(ValueError, match="all 1 media files are missing"):
         B.msrvtt_1ka(csv_path, media_dir(tmp_path, []))
     with pytest.raises(ValueError, match="is not a directory"):
         B.msrvtt_1ka(csv_path, tmp_path / "nowhere")
+
+
+def write_jsonl(path, entries, extra_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(e) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def test_vdc_one_caption_field_per_manifest(tmp_path, caplog):
+    """AuroraCap's VDC_1k.jsonl: VDC-D reads detailed_caption, VDC-O main_object_caption; an entry
+    without the field is left out and listed."""
+    caps = ("short", "detailed", "main_object", "background", "camera")
+    entries = [{"video_id": f"vdc{i}", "video_name": f"clip_{i}.mp4", "video_source": "pexels",
+                **{f"{c}_caption": f"{c} caption of clip {i}" for c in caps}} for i in range(3)]
+    del entries[2]["detailed_caption"]
+    path = write_jsonl(tmp_path / "VDC_1k.jsonl", entries, extra_lines=[""])
+    root = media_dir(tmp_path, ["clip_0.mp4", "clip_1.mp4", "clip_2.mp4"])
+    with caplog.at_level(logging.WARNING):
+        d = B.vdc(path, root)
+    assert d.benchmark == "vdc_d" and [r.id for r in d.records] == ["vdc0", "vdc1"]
+    assert d.uncaptioned == ("vdc2",) and "1 entries without the caption left out" in caplog.text
+    assert d.records[1].caption == "detailed caption of clip 1" and d.records[1].video.endswith("clip_1.mp4")
+    o = B.vdc(path, root, caption="main_object")
+    assert o.benchmark == "vdc_o" and [r.caption for r in o.records][2] == "main_object caption of clip 2"
+    assert o.records[0].meta["caption_field"] == "main_object_caption" and not o.uncaptioned
+    round_trip(o, tmp_path)
+    with pytest.raises(ValueError, match="unknown VDC caption 'objects'"):
+        B.vdc(path, root, caption="objects")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"video_id": "x"}])
+    with pytest.raises(ValueError, match=r"lack key\(s\) \['video_id', 'video_name'\]"):
+        B.vdc(bad, root)
+    broken = write_jsonl(tmp_path / "broken.jsonl", entries[:1], extra_lines=["{not json"])
+    with pytest.raises(ValueError, match="broken.jsonl:2: not JSON"):
+        B.vdc(broken, root)
+
+
+def test_dream1k_events_are_the_queries(tmp_path):
+    """Tarsier's DREAM-1k.jsonl: every event sentence is a caption (DREAM-E scores each as a query,
+    mode "all"); the placeholder video_file is ignored and the media found by vid."""
+    entries = [{"idx": i, "vid": i, "dataset": "DREAM/live_action", "video_file": "<placeholder>",
+                "text": {"prompt": "<video>\nDescribe the video in detail.", "response": f"story {i}"},
+                "extra_info": {"duration": 2.5, "n_subjects": 1, "n_shots": 1, "n_events": 2,
+                               "events": [f"event a of {i}", f"event b of {i}", " "]}} for i in (1, 2, 3)]
+    entries[2]["extra_info"]["events"] = []
+    path = write_jsonl(tmp_path / "DREAM-1k.jsonl", entries)
+    root = media_dir(tmp_path, ["1.mp4", "2.webm"])
+    res = B.dream1k(path, root)
+    assert res.benchmark == "dream_e" and [r.id for r in res.records] == ["1", "2"] and res.uncaptioned == ("3",)
+    r = res.records[0]
+    assert r.meta["captions"] == ["event a of 1", "event b of 1"] and r.caption == "event a of 1"
+    assert r.meta["description"] == "story 1" and r.meta["source"] == "DREAM/live_action"
+    assert res.records[1].video.endswith("2.webm")
+    back = round_trip(res, tmp_path)
+    assert [cid for cid, _ in caption_entries(back)] == ["1#0", "1#1", "2#0", "2#1"]
+    (tmp_path / "other").mkdir()
+    named = B.dream1k(path, media_dir(tmp_path / "other", ["dream_1.mp4"]), name_patterns=("dream_{vid}",))
+    assert [r.id for r in named.records] == ["1"] and named.missing == ("2",)
+
+
+def test_carebench_caption_fields(tmp_path):
+    entries = [{"video": f"videos/v_{i}.mp4", "caption": f"general {i}", "spatial_caption": f"where {i}",
+                "temporal_caption": [f"then {i}", f"after {i}"], "events": []} for i in range(2)]
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(entries))
+    root = media_dir(tmp_path, ["v_0.mp4", "v_1.mp4"])
+    g = B.carebench(path, root)
+    assert g.benchmark == "crb_g" and [r.id for r in g.records] == ["v_0", "v_1"]
+    assert g.records[0].caption == "general 0" and g.records[0].meta["path"] == "videos/v_0.mp4"
+    t = B.carebench(path, root, field="temporal_caption")
+    assert t.benchmark == "crb_t" and t.records[1].meta["captions"] == ["then 1", "after 1"]
+    assert B.carebench(path, root, field="spatial_caption").benchmark == "crb_s"
+    with pytest.raises(ValueError, match="unknown CaReBench caption field 'caption_s'"):
+        B.carebench(path, root, field="caption_s")

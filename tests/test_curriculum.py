@@ -35,7 +35,7 @@ import pytest
 from omniret_jax import build
 from omniret_jax import train as trainer
 from omniret_jax.data import curriculum as cur
-from omniret_jax.data.manifest import ManifestRecord, load_manifest
+from omniret_jax.data.manifest import ManifestRecord, load_manifest, read_manifest
 from omniret_jax.eval import tasks as evtasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,10 +252,12 @@ def test_synthetic_tasks_and_homogeneous_batches_laid_out_per_kind(corpus):
 
 def test_tasks_of_manifests_and_benchmarks_are_grouped_as_uvrb_reports():
     table = cur.task_table(PYRAMID)
-    bench = [ManifestRecord(id=f"v{i}", caption="c", video="/v.mp4", meta={"benchmark": "didemo"}) for i in range(2)]
+    bench = [ManifestRecord(id=f"{b}{i}", caption="c", video="/v.mp4", meta={"benchmark": b})
+             for b in ("didemo", "vdc_d", "dream_e") for i in range(2)]
     tasks = evtasks.manifest_tasks(_records({"t2v": 2, "ti2v": 2}) + bench, table)
     assert {t: (k.kind, k.ability, len(r)) for t, (k, r) in tasks.items()} == {
-        "t2v": ("t2v", "coarse", 2), "ti2v": ("ti2v", "fine-grained", 2), "didemo": ("t2v", "long-context", 2)}
+        "t2v": ("t2v", "coarse", 2), "ti2v": ("ti2v", "fine-grained", 2), "didemo": ("t2v", "coarse", 2),
+        "vdc_d": ("t2v", "long-context", 2), "dream_e": ("t2v", "fine-grained", 2)}
     with pytest.raises(ValueError, match=r"record 'a': task 'clotho' is neither"):
         evtasks.manifest_tasks([ManifestRecord(id="a", caption="c", video="/a.wav", meta={"benchmark": "clotho"})],
                                table)
@@ -363,6 +365,27 @@ def _cli(*args):
                           timeout=900)
 
 
+def _dream_manifest(corpus: Path, tmp_path: Path) -> Path:
+    """A DREAM-1k.jsonl (Tarsier's format) over 5 of the corpus' clips, two events each, through
+    the adapter into a benchmark manifest."""
+    from omniret_jax.eval import benchmarks
+
+    clips = sorted({Path(r.video).resolve() for r in read_manifest(corpus / "manifest.jsonl")})[:5]
+    media = tmp_path / "dream_media"
+    media.mkdir()
+    lines = []
+    for i, clip in enumerate(clips, 1):
+        (media / f"{i}.mp4").symlink_to(clip)
+        lines.append(json.dumps({"idx": i, "vid": i, "dataset": "DREAM/synthetic", "video_file": "<placeholder>",
+                                 "text": {"prompt": "<video>", "response": f"clip {i}"},
+                                 "extra_info": {"duration": 1.0, "events": [f"a shape moves in clip {i}",
+                                                                            f"the shape stops in clip {i}"]}}))
+    (tmp_path / "DREAM-1k.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "dream_e.jsonl"
+    benchmarks.write(benchmarks.dream1k(tmp_path / "DREAM-1k.jsonl", media), out)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["pyramid", "uniform", "uniform+tv2v"])
 def test_cli_trains_resumes_and_evaluates_per_task(preset, tmp_path):
@@ -377,12 +400,18 @@ def test_cli_trains_resumes_and_evaluates_per_task(preset, tmp_path):
     assert "resumed from update 2" in r.stdout, r.stdout[-2000:]
     logged = _metrics(work)
     assert [u for u, _ in _tasks_of(logged)] == [1, 2, 3, 4]
+    manifests = [work / "corpus" / "manifest.jsonl"]
+    if preset == "uniform":   # and a UVRB benchmark: DREAM-E in Tarsier's format over the corpus' clips
+        manifests.append(_dream_manifest(work / "corpus", tmp_path))
     r = _cli("omniret_jax.eval", "--config", f"configs/gve_tiny.py:{preset}", "--checkpoint", work, "--manifest",
-             work / "corpus" / "manifest.jsonl", "--out", tmp_path / "eval", "--batch_size", "4", "--by_task")
+             ",".join(map(str, manifests)), "--out", tmp_path / "eval", "--batch_size", "4", "--by_task")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "eval" / "results_tasks.json").read_text())
-    assert set(res["tasks"]) == {"t2v", "i2v", "ti2v"} | ({"tv2v"} if "tv2v" in preset else set())
+    dream = {"dream_e"} if preset == "uniform" else set()
+    assert set(res["tasks"]) == {"t2v", "i2v", "ti2v"} | ({"tv2v"} if "tv2v" in preset else set()) | dream
     assert res["step"] == 4
     assert set(res["groups"]) == {"textual", "visual", "composed"} and set(res["abilities"]) == {"coarse",
                                                                                                  "fine-grained"}
+    if dream:   # every event is a query (mode "all"): two per clip, over the 5 clips' gallery
+        assert res["tasks"]["dream_e"]["queries"] == 10 and res["tasks"]["dream_e"]["ability"] == "fine-grained"
     print(r.stdout)

@@ -45,6 +45,26 @@ Formats assumed (public releases):
     AudioCaps     {train,val,test}.csv: audiocap_id,youtube_id,start_time,caption; rows
                   grouped per (youtube_id, start_time) in file order, id
                   "<youtube_id>_<start_time>". Media found by `name_patterns`.
+
+UVRB datasets (the GVE paper's benchmark; names follow its abbreviations):
+    VDC           VDC_1k.jsonl (AuroraCap's Video Detailed Caption): one JSON object a line with
+                  video_id, video_name and the captions short_caption, detailed_caption,
+                  main_object_caption, background_caption, camera_caption. One adapter call
+                  per caption field: UVRB's VDC-D (detailed, "vdc_d") and VDC-O (main object,
+                  "vdc_o"); the others are "vdc_short" etc. Id = video_id, media video_name.
+    DREAM-1K      DREAM-1k.jsonl (Tarsier): one JSON object a line with vid, dataset,
+                  text.response (the clip's description) and extra_info.events (its event
+                  sentences). UVRB's DREAM-E ("dream_e"): every event is a query for its clip
+                  (captions = the events, scored with mode "all"). The release's video_file
+                  is a placeholder: media found by `name_patterns` ("{vid}" first). Id = vid.
+    CaReBench     one JSON list of {"video": path, "caption": text or list, ...} (its
+                  VideoTextDataset's format); `field` picks the caption: "caption" (UVRB's
+                  CRB-G, "crb_g"), "spatial_caption" (CRB-S, "crb_s"), "temporal_caption"
+                  (CRB-T, "crb_t"). The last two names are the paper's; CaReBench's own
+                  loader reads only "caption". Id = the video's file stem.
+Entries lacking the chosen caption are left out and listed in AdapterResult.uncaptioned
+(UVRB's VDC-D has fewer queries than videos); our galleries are query-document pairs, so such
+a clip is not kept as a distractor.
 """
 
 from __future__ import annotations
@@ -78,6 +98,7 @@ class AdapterResult:
     records: tuple[ManifestRecord, ...]
     missing: tuple[str, ...]
     kept_missing: bool
+    uncaptioned: tuple[str, ...] = ()   # ids left out for lacking the chosen caption field
 
     def summary(self) -> str:
         text = f"{self.benchmark}: {len(self.records)} records"
@@ -85,6 +106,9 @@ class AdapterResult:
             what = "kept with their expected path" if self.kept_missing else "skipped"
             text += (f"; {len(self.missing)} media files missing ({what}), first: "
                      f"{list(self.missing[:_SHOWN])}")
+        if self.uncaptioned:
+            text += (f"; {len(self.uncaptioned)} entries without the caption left out, first: "
+                     f"{list(self.uncaptioned[:_SHOWN])}")
         return text
 
 
@@ -376,7 +400,107 @@ def audiocaps(csv_path, media_root, *, name_patterns: Sequence[str] = AUDIOCAPS_
     return dataclasses.replace(result, records=timed)
 
 
+def _read_jsonl(path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(entry).__name__}")
+            out.append(entry)
+    return out
+
+
+def _require(entries: Sequence[dict], path, keys: Sequence[str]) -> None:
+    bad = [i for i, e in enumerate(entries) if any(k not in e for k in keys)]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} entries lack key(s) {list(keys)}, first at index {bad[:_SHOWN]}")
+
+
+def _with_uncaptioned(result: AdapterResult, uncaptioned: Sequence[str]) -> AdapterResult:
+    result = dataclasses.replace(result, uncaptioned=tuple(uncaptioned))
+    if uncaptioned:
+        log.warning(result.summary())
+    return result
+
+
+VDC_FIELDS = {"detailed": "vdc_d", "main_object": "vdc_o", "short": "vdc_short", "background": "vdc_background",
+              "camera": "vdc_camera"}
+
+
+def vdc(jsonl_path, media_root, *, caption: str = "detailed", keep_missing: bool = False) -> AdapterResult:
+    """VDC (AuroraCap's VDC_1k.jsonl) with one caption field (``VDC_FIELDS``); id = video_id."""
+    if caption not in VDC_FIELDS:
+        raise ValueError(f"unknown VDC caption {caption!r}; choose from {list(VDC_FIELDS)}")
+    entries = _read_jsonl(jsonl_path)
+    _require(entries, jsonl_path, ("video_id", "video_name"))
+    field = f"{caption}_caption"
+    clips, uncaptioned = [], []
+    for e in entries:
+        caps = _clean([e.get(field)])
+        if not caps:
+            uncaptioned.append(str(e["video_id"]))
+            continue
+        clips.append((str(e["video_id"]), caps, e["video_name"], {"caption_field": field}))
+    result = _build(VDC_FIELDS[caption], clips, _MediaIndex(media_root), ".mp4", keep_missing)
+    return _with_uncaptioned(result, uncaptioned)
+
+
+DREAM_NAME_PATTERNS = ("{vid}", "{idx}")
+
+
+def dream1k(jsonl_path, media_root, *, name_patterns: Sequence[str] = DREAM_NAME_PATTERNS,
+            keep_missing: bool = False) -> AdapterResult:
+    """DREAM-1K events (UVRB's DREAM-E): captions = extra_info.events; id = vid. ``name_patterns``:
+    media file names (without extension) tried in order, formatted with vid and idx."""
+    entries = _read_jsonl(jsonl_path)
+    _require(entries, jsonl_path, ("vid", "extra_info"))
+    media = _MediaIndex(media_root)
+    clips, uncaptioned = [], []
+    for e in entries:
+        vid, info = str(e["vid"]), e["extra_info"]
+        events = _clean(info.get("events") or []) if isinstance(info, dict) else []
+        if not events:
+            uncaptioned.append(vid)
+            continue
+        names = [p.format(vid=vid, idx=e.get("idx", vid)) for p in name_patterns]
+        name = next((n for n in names if media.find(n, ".mp4")[1]), names[0])
+        text = e.get("text")
+        extra = {"source": e.get("dataset"), "description": text.get("response") if isinstance(text, dict) else None,
+                 "duration": info.get("duration")}
+        clips.append((vid, events, name, extra))
+    return _with_uncaptioned(_build("dream_e", clips, media, ".mp4", keep_missing), uncaptioned)
+
+
+CAREBENCH_FIELDS = {"caption": "crb_g", "spatial_caption": "crb_s", "temporal_caption": "crb_t"}
+
+
+def carebench(json_path, media_root, *, field: str = "caption", keep_missing: bool = False) -> AdapterResult:
+    """CaReBench with one caption field (``CAREBENCH_FIELDS``); id = the video's file stem. A
+    list-valued caption gives the clip several captions (mode "all")."""
+    if field not in CAREBENCH_FIELDS:
+        raise ValueError(f"unknown CaReBench caption field {field!r}; choose from {list(CAREBENCH_FIELDS)}")
+    entries = _expect_list_of_dicts(_read_json(json_path), json_path, ("video",))
+    clips, uncaptioned = [], []
+    for e in entries:
+        cid = _strip_media_ext(os.path.basename(e["video"]))
+        value = e.get(field)
+        caps = _clean([value] if isinstance(value, str) else value or [])
+        if not caps:
+            uncaptioned.append(cid)
+            continue
+        clips.append((cid, caps, os.path.basename(e["video"]), {"caption_field": field, "path": e["video"]}))
+    result = _build(CAREBENCH_FIELDS[field], clips, _MediaIndex(media_root), ".mp4", keep_missing)
+    return _with_uncaptioned(result, uncaptioned)
+
+
 ADAPTERS: dict[str, Callable[..., AdapterResult]] = {
     "msrvtt_1ka": msrvtt_1ka, "msvd": msvd, "didemo": didemo, "vatex": vatex,
     "clotho": clotho, "sounddescs": sounddescs, "audiocaps": audiocaps,
+    "vdc": vdc, "dream1k": dream1k, "carebench": carebench,
 }
