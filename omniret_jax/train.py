@@ -112,16 +112,27 @@ def pipeline_config(c, *, augment: bool, caption_tokens: int | None = None) -> P
         num_workers=d.num_workers, patch_buckets=d.get("patch_buckets"))
 
 
+# The curriculum's probes with every probe record's margin, one JSON line a probe (a probe a
+# resumed run takes again is appended again: the last line of an update counts).
+PROBES_FILE = "probes.jsonl"
+
+
 class MetricsWriter:
     """metrics.jsonl plus TensorBoard events in the workdir (process 0 only)."""
 
     def __init__(self, workdir: Path):
-        self.enabled = jax.process_index() == 0
+        self.enabled, self.workdir = jax.process_index() == 0, workdir
         if self.enabled:
             from tensorboardX import SummaryWriter
 
             self.file = open(workdir / "metrics.jsonl", "a")
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write_line(self, name: str, record: dict) -> None:
+        """Appends one JSON line to workdir/name (process 0)."""
+        if self.enabled:
+            with open(self.workdir / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -378,9 +389,15 @@ class Curriculum:
         return cls(schedule, by_task, m.bad, losses, cur.probe_subsets(by_task, ccfg.probe_size, int(c.train.seed)))
 
     def probe(self, updates: int, trainable, writer: MetricsWriter) -> None:
-        """Scores every task with the prober, records the probe, logs it and any task it unlocks."""
-        entry = self.schedule.record(updates, self.prober(trainable))
+        """Scores every task with the prober, records the probe, logs it and any task it unlocks;
+        every probe record's margin goes to workdir/probes.jsonl (process 0)."""
+        scores = self.prober(trainable)
+        entry = self.schedule.record(updates, scores)
         writer.write(updates, self.schedule.log_metrics(entry, updates))
+        writer.write_line(PROBES_FILE, {"update": updates, "tasks": {
+            t: {"alignment": s["alignment"], "R@1": s["R@1"],
+                "margins": {r.id: float(m) for r, m in zip(self.subsets[t], s["margins"])}}
+            for t, s in scores.items()}})
         if entry["newly"] and jax.process_index() == 0:
             print(f"curriculum: after {updates} updates unlocked {', '.join(entry['newly'])}")
 

@@ -271,6 +271,20 @@ def test_tasks_of_manifests_and_benchmarks_are_grouped_as_uvrb_reports():
     assert g["overall"] == pytest.approx(27.5)
 
 
+def test_evaluation_refuses_several_processes(monkeypatch, tmp_path):
+    """The trainer's prober embeds on many processes; the evaluation CLIs, which write the results
+    files, refuse before any work."""
+    import jax
+
+    from omniret_jax.eval import embed
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="per-task evaluation runs in one process .* 2 processes"):
+        evtasks.evaluate_tasks(None, "none", [], tmp_path)
+    with pytest.raises(ValueError, match="evaluation runs in one process"):
+        embed.evaluate_checkpoint(None, "none", tmp_path / "m.jsonl", tmp_path)
+
+
 def test_train_refuses_bad_curricula_at_start_up(tmp_path, corpus):
     c = build.load_config(f"{GVE}:pyramid", {"train.batch_size": 16, "data.manifest": str(corpus)})
     with pytest.raises(ValueError, match=r"task 'i2v' has 8 manifest record\(s\), fewer than one global batch of 16"):
@@ -326,6 +340,14 @@ def test_resume_gives_the_same_tasks_and_bitwise_trainables(corpus, tmp_path):
     assert not [m for m in b if "probe/ti2v/alignment" in m]   # update 2's probe came with the checkpoint
     history = [_restored(c, w, 4).data_state["curriculum"]["history"] for w in (straight, resumed)]
     assert history[0] == history[1] and [e["update"] for e in history[0]] == [0, 2]
+    # per sample: every probe record's margin, averaging to the task's alignment
+    probes = [json.loads(line) for line in (straight / trainer.PROBES_FILE).read_text().splitlines()]
+    assert [p["update"] for p in probes] == [0, 2]
+    for p, e in zip(probes, history[0]):
+        for t, s in p["tasks"].items():
+            assert len(s["margins"]) == 8 and all(r.endswith(f"/{t}") for r in s["margins"])
+            assert np.mean(list(s["margins"].values())) == pytest.approx(e["scores"][t]["alignment"], abs=1e-12)
+            assert s["R@1"] == np.mean(np.array(list(s["margins"].values())) > 0)
     n = _assert_same_state(c, straight, resumed, 4)
     print(f"resume at update 2: tasks {_tasks_of(a)}; {n} trainable leaves and the optimizer state bitwise equal")
 
