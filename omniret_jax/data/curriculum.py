@@ -426,5 +426,11 @@ class TaskPipelines:
         return total
 
     def close(self) -> None:
-        for p in self.pipelines.values():
-            p.close()
+        """Closes every task's pipeline at once: grain stops a pipeline's decode processes one by
+        one (up to 25 s each while one is still starting), so closing them in turn added up (3 min
+        with 16 workers a task on 2 cores)."""
+        threads = [threading.Thread(target=p.close, name=f"close {t}") for t, p in self.pipelines.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
