@@ -175,6 +175,18 @@ def gve(c: ml_collections.ConfigDict, instruction: str = QWEN_DEFAULT_INSTRUCTIO
     return c
 
 
+def gve_preset(arg: str, config: str) -> tuple[str, str, bool]:
+    """(instruction, schedule, text_video) of a GVE config's argument: a curriculum preset
+    (``pyramid`` or ``uniform``, optionally ``+tv2v``; the default instruction) or else the
+    system-turn instruction itself (no curriculum). Raises naming ``config`` for an unknown '+'."""
+    preset, _, extra = arg.partition("+")
+    if preset not in CURRICULUM_SCHEDULES:
+        return arg, "", False
+    if extra not in ("", "tv2v"):
+        raise ValueError(f"{config}:{arg}: {preset!r} takes '+tv2v' or nothing, not '+{extra}'")
+    return QWEN_DEFAULT_INSTRUCTION, preset, extra == "tv2v"
+
+
 def gve_curriculum(c: ml_collections.ConfigDict, schedule: str = "pyramid", text_video: bool = False
                    ) -> ml_collections.ConfigDict:
     """Train GVE ``c`` with the Modality Pyramid curriculum (``omniret_jax.data.curriculum``), in

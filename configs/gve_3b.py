@@ -14,7 +14,8 @@ import ml_collections
 from configs import common, gve_7b
 
 
-def get_config(instruction: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
-    c = gve_7b.get_config(instruction)
+def get_config(arg: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
+    """The instruction or curriculum preset, as configs/gve_7b.py takes it."""
+    c = gve_7b.get_config(arg)
     c.model.size = "3b"
     return c

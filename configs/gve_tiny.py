@@ -28,14 +28,11 @@ from configs import common, tiny
 
 
 def get_config(arg: str = common.QWEN_DEFAULT_INSTRUCTION) -> ml_collections.ConfigDict:
-    preset, _, extra = arg.partition("+")
-    schedule = preset if preset in common.CURRICULUM_SCHEDULES else ""
-    if schedule and extra not in ("", "tv2v"):
-        raise ValueError(f"configs/gve_tiny.py:{arg}: {schedule!r} takes '+tv2v' or nothing, not '+{extra}'")
-    c = common.gve(tiny.get_config("pairwise"), instruction=common.QWEN_DEFAULT_INSTRUCTION if schedule else arg)
+    instruction, schedule, text_video = common.gve_preset(arg, "configs/gve_tiny.py")
+    c = common.gve(tiny.get_config("pairwise"), instruction=instruction)
     for key in [k for k in c.model.tiny if k.startswith(("audio_", "beats_"))]:
         del c.model.tiny[key]             # Qwen2.5-VL has neither tower
     if schedule:
-        common.gve_curriculum(c, schedule, text_video=extra == "tv2v")
+        common.gve_curriculum(c, schedule, text_video=text_video)
         c.data.synth_n = 48
     return c

@@ -271,6 +271,23 @@ def test_tasks_of_manifests_and_benchmarks_are_grouped_as_uvrb_reports():
     assert g["overall"] == pytest.approx(27.5)
 
 
+@pytest.mark.parametrize("name", ["gve_tiny", "gve_7b", "gve_3b"])
+def test_gve_configs_take_the_curriculum_presets(name):
+    """configs/gve_*.py:<preset>: the curriculum with the shared task table (the 7B / 3B probing
+    larger subsets of a real corpus); any other argument is the system-turn instruction; an unknown
+    '+' names the config."""
+    path = REPO / "configs" / f"{name}.py"
+    c = build.load_config(f"{path}:pyramid+tv2v")
+    assert c.curriculum.schedule == "pyramid" and list(c.curriculum.tasks) == ["i2v", "t2v", "ti2v", "tv2v"]
+    assert c.curriculum.probe_size == (16 if name == "gve_tiny" else 256)
+    assert build.load_config(f"{path}:uniform").curriculum.schedule == "uniform"
+    plain = build.load_config(f"{path}:Find the clip.")
+    assert "curriculum" not in plain and "system\nFind the clip.<|im_end|>" in plain.embed.turn_start
+    assert c.embed.turn_start == build.load_config(str(path)).embed.turn_start != plain.embed.turn_start
+    with pytest.raises(ValueError, match=rf"configs/{'gve_7b' if name == 'gve_3b' else name}.py:pyramid\+x"):
+        build.load_config(f"{path}:pyramid+x")
+
+
 def test_evaluation_refuses_several_processes(monkeypatch, tmp_path):
     """The trainer's prober embeds on many processes; the evaluation CLIs, which write the results
     files, refuse before any work."""
