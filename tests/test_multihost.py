@@ -118,17 +118,30 @@ def _train_cmd(workdir: Path, manifest: str, *extra: str) -> list[str]:
             "--config.train.log_every=1", "--config.train.ckpt_every=3", "--config.mesh.data=8", *extra]
 
 
-def _trainables(workdir: Path, step: int, c=None) -> dict[str, np.ndarray]:
+def _trainables(workdir: Path, step: int, config: str) -> dict[str, np.ndarray]:
     from omniret_jax import build
     from omniret_jax.checkpoint import TrainCheckpointer
 
-    c = c or build.load_config(REPO / "configs" / "tiny.py")
+    c = build.load_config(f"{REPO / 'configs'}/{config}")
     _, trainable, _ = build.split_state(build.attach_lora(build.random_model(c), c, train=True),
                                         build.lora_config(c), build.precision(c))
     with TrainCheckpointer(workdir / "checkpoints") as ckpt:
         r = ckpt.restore(step, trainable)
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(r.trainables))[0]
     return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x) for p, x in leaves}
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _trainables_differ(one: Path, two: Path, step: int, config: str = "tiny.py") -> tuple[int, str, float]:
+    """(leaves, the worst leaf, its relative L2 difference) of two workdirs' trainables at ``step``."""
+    p1, p2 = _trainables(one, step, config), _trainables(two, step, config)
+    assert p1.keys() == p2.keys()
+    rel = {k: float(np.linalg.norm(p2[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30)) for k in p1}
+    worst = max(rel, key=rel.get)
+    return len(rel), worst, rel[worst]
 
 
 @pytest.mark.slow
@@ -139,8 +152,7 @@ def test_two_process_training_matches_one_process(manifest, tmp_path):
     _, t_two = _run_all([_train_cmd(two, manifest, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
                          for i in range(2)], devices=4, timeout=1200)
-    m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    m1, m2 = _metrics(one), _metrics(two)
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
     worst_loss = 0.0
     for a, b in zip(m1, m2):
@@ -148,14 +160,11 @@ def test_two_process_training_matches_one_process(manifest, tmp_path):
             rel = abs(a[k] - b[k]) / abs(a[k])
             worst_loss = max(worst_loss, rel)
             assert rel <= 1e-6, (a["step"], k, a[k], b[k])
-    p1, p2 = _trainables(one, 3), _trainables(two, 3)
-    assert p1.keys() == p2.keys()
-    rel = {k: float(np.linalg.norm(p2[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30)) for k in p1}
-    worst = max(rel, key=rel.get)
+    n, worst, rel = _trainables_differ(one, two, 3)
     print(f"losses {[round(m['loss'], 6) for m in m1]} vs {[round(m['loss'], 6) for m in m2]}: worst relative "
-          f"difference {worst_loss:.2e}; {len(rel)} trainable leaves, worst {rel[worst]:.2e} ({worst}); wall time "
+          f"difference {worst_loss:.2e}; {n} trainable leaves, worst {rel:.2e} ({worst}); wall time "
           f"one process {t_one:.0f} s, two processes {t_two:.0f} s")
-    assert rel[worst] <= 1e-5
+    assert rel <= 1e-5
 
 
 def _curriculum_cmd(workdir: Path, corpus: str, steps: int, *extra: str) -> list[str]:
@@ -187,8 +196,7 @@ def test_two_process_curriculum_matches_one_process(tmp_path):
                               devices=4, timeout=1200)
         t_two += t
     assert "resumed from update 2" in outputs[0]
-    m1 = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    m1, m2 = _metrics(one), _metrics(two)
     probes = [[(m["step"], {k: v for k, v in m.items() if k.startswith("probe/")}) for m in ms
                if "probe/t2v/alignment" in m] for ms in (m1, m2)]
     assert [u for u, _ in probes[0]] == [u for u, _ in probes[1]] == [0, 2]
@@ -202,13 +210,8 @@ def test_two_process_curriculum_matches_one_process(tmp_path):
     assert tasks[0] == tasks[1] and len(tasks[0]) == 4
     worst_loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(*steps))
     assert worst_loss <= 1e-6, steps
-    from omniret_jax import build
-    c = build.load_config(f"{REPO / 'configs' / 'gve_tiny.py'}:pyramid")
-    p1, p2 = _trainables(one, 4, c), _trainables(two, 4, c)
-    assert p1.keys() == p2.keys()
-    rel = {k: float(np.linalg.norm(p2[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30)) for k in p1}
-    worst = max(rel, key=rel.get)
+    n, worst, rel = _trainables_differ(one, two, 4, "gve_tiny.py:pyramid")
     print(f"tasks {tasks[0]}; probe scores worst abs difference {worst_probe:.1e}, losses {worst_loss:.1e} relative; "
-          f"{len(rel)} trainable leaves, worst {rel[worst]:.1e} ({worst}); wall time one process {t_one:.0f} s, "
+          f"{n} trainable leaves, worst {rel:.1e} ({worst}); wall time one process {t_one:.0f} s, "
           f"two processes (2 + resumed 2 updates) {t_two:.0f} s")
-    assert rel[worst] <= 1e-5
+    assert rel <= 1e-5

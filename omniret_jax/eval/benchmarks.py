@@ -121,6 +121,10 @@ class _MediaIndex:
             raise ValueError(f"media root {self.root!r} is not a directory")
         self.names = set(os.listdir(self.root))
 
+    def first_found(self, names: Sequence[str], default_ext: str) -> str:
+        """The first of ``names`` (candidate file names) that exists, else the first."""
+        return next((n for n in names if self.find(n, default_ext)[1]), names[0])
+
     def find(self, name: str, default_ext: str) -> tuple[str, bool]:
         """(path, found): `name` itself, else its stem with each known extension; when
         nothing exists, the expected path (name, with default_ext if it has no extension)."""
@@ -388,7 +392,7 @@ def audiocaps(csv_path, media_root, *, name_patterns: Sequence[str] = AUDIOCAPS_
             raise ValueError(f"{csv_path}: start_time {start!r} of {yt} is not a number") from None
         start_txt = str(int(start_s)) if start_s.is_integer() else start
         names = [p.format(youtube_id=yt, start_time=start_txt) for p in name_patterns]
-        name = next((n for n in names if media.find(n, ".wav")[1]), names[0])
+        name = media.first_found(names, ".wav")
         extra = {"audiocap_ids": [g["audiocap_id"] for g in group]}
         starts[f"{yt}_{start_txt}"] = start_s
         clips.append((f"{yt}_{start_txt}", _clean(g["caption"] for g in group), name, extra))
@@ -416,12 +420,6 @@ def _read_jsonl(path) -> list[dict]:
     return out
 
 
-def _require(entries: Sequence[dict], path, keys: Sequence[str]) -> None:
-    bad = [i for i, e in enumerate(entries) if any(k not in e for k in keys)]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} entries lack key(s) {list(keys)}, first at index {bad[:_SHOWN]}")
-
-
 def _with_uncaptioned(result: AdapterResult, uncaptioned: Sequence[str]) -> AdapterResult:
     result = dataclasses.replace(result, uncaptioned=tuple(uncaptioned))
     if uncaptioned:
@@ -437,8 +435,7 @@ def vdc(jsonl_path, media_root, *, caption: str = "detailed", keep_missing: bool
     """VDC (AuroraCap's VDC_1k.jsonl) with one caption field (``VDC_FIELDS``); id = video_id."""
     if caption not in VDC_FIELDS:
         raise ValueError(f"unknown VDC caption {caption!r}; choose from {list(VDC_FIELDS)}")
-    entries = _read_jsonl(jsonl_path)
-    _require(entries, jsonl_path, ("video_id", "video_name"))
+    entries = _expect_list_of_dicts(_read_jsonl(jsonl_path), jsonl_path, ("video_id", "video_name"))
     field = f"{caption}_caption"
     clips, uncaptioned = [], []
     for e in entries:
@@ -458,8 +455,7 @@ def dream1k(jsonl_path, media_root, *, name_patterns: Sequence[str] = DREAM_NAME
             keep_missing: bool = False) -> AdapterResult:
     """DREAM-1K events (UVRB's DREAM-E): captions = extra_info.events; id = vid. ``name_patterns``:
     media file names (without extension) tried in order, formatted with vid and idx."""
-    entries = _read_jsonl(jsonl_path)
-    _require(entries, jsonl_path, ("vid", "extra_info"))
+    entries = _expect_list_of_dicts(_read_jsonl(jsonl_path), jsonl_path, ("vid", "extra_info"))
     media = _MediaIndex(media_root)
     clips, uncaptioned = [], []
     for e in entries:
@@ -469,7 +465,7 @@ def dream1k(jsonl_path, media_root, *, name_patterns: Sequence[str] = DREAM_NAME
             uncaptioned.append(vid)
             continue
         names = [p.format(vid=vid, idx=e.get("idx", vid)) for p in name_patterns]
-        name = next((n for n in names if media.find(n, ".mp4")[1]), names[0])
+        name = media.first_found(names, ".mp4")
         text = e.get("text")
         extra = {"source": e.get("dataset"), "description": text.get("response") if isinstance(text, dict) else None,
                  "duration": info.get("duration")}

@@ -120,9 +120,8 @@ class GalleryEmbedder:
         s = self.state
         if patch_buckets:   # the whole batch's bucket, the same on every process
             batch = cut_patches(batch, patch_buckets)
-        start, stop = self.rows
-        if jax.process_count() > 1:   # every process holds the whole batch and places its own rows
-            batch = take_rows(batch, start, stop)
+        start, stop = self.rows   # every process holds the whole batch and places its own rows
+        batch = take_rows(batch, start, stop)
         if any("I" in p for p in paths) and "image_patches" not in batch:
             batch = still_frames(batch, s.cfg.vision)
         host = prepare(batch, paths, s.cfg, s.tokens, self.ecfg, row_offset=start)
